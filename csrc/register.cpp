@@ -1,0 +1,47 @@
+// THE registration point of vlcore: every schema is declared here, once, and each backend binds its
+// implementations below. Fakes and autograd formulas are registered in Python, in the module named by
+// set_python_module just before each schema (vlcore/ops/<family>.py).
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+namespace {
+// CPU-only builds bind this for CUDA tensors, so the user learns why instead of a dispatcher error.
+void cuda_kernels_not_built(const c10::OperatorHandle& op, torch::jit::Stack*) {
+  TORCH_CHECK(false, op.schema().name(), " was called on CUDA tensors, but this vlcore build has no CUDA ",
+              "kernels (vlcore.cuda_available() is False). Reinstall with a CUDA build of torch and a complete ",
+              "CUDA toolkit: VLCORE_ENABLE_CUDA=ON pip install --no-build-isolation -v .");
+}
+}  // namespace
+
+TORCH_LIBRARY(vlcore, m) {
+  m.set_python_module("vlcore.ops.seq_pack");
+  m.def("seq_pack(Tensor padded, Tensor cu_seqlens, int total_tokens) -> Tensor");
+  m.def("seq_unpack(Tensor packed, Tensor cu_seqlens, int padded_len, Scalar pad_value) -> Tensor");
+  m.def("scatter_image_embeds(Tensor text_embeds, Tensor image_embeds, Tensor image_positions) -> Tensor");
+  m.def("scatter_image_embeds_backward(Tensor grad_out, Tensor image_positions) -> (Tensor, Tensor)");
+}
+
+// Ops with a backend kernel of each kind; the C++ functions are named vlcore::<op>_cpu and <op>_cuda.
+#define VLCORE_CPU_OPS(X) \
+  X(seq_pack) X(seq_unpack) X(scatter_image_embeds) X(scatter_image_embeds_backward)
+#define VLCORE_CUDA_OPS(X) \
+  X(seq_pack) X(seq_unpack) X(scatter_image_embeds) X(scatter_image_embeds_backward)
+
+TORCH_LIBRARY_IMPL(vlcore, CPU, m) {
+#define VLCORE_IMPL_CPU(op) m.impl(#op, &vlcore::op##_cpu);
+  VLCORE_CPU_OPS(VLCORE_IMPL_CPU)
+}
+
+TORCH_LIBRARY_IMPL(vlcore, CUDA, m) {
+#if VLCORE_WITH_CUDA
+#define VLCORE_IMPL_CUDA(op) m.impl(#op, &vlcore::op##_cuda);
+#else
+#define VLCORE_IMPL_CUDA(op) m.impl(#op, torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_not_built>());
+#endif
+  VLCORE_CUDA_OPS(VLCORE_IMPL_CUDA)
+}
+
+PYBIND11_MODULE(_C, m) { m.attr("with_cuda") = static_cast<bool>(VLCORE_WITH_CUDA); }

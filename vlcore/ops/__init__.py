@@ -1,0 +1,5 @@
+"""vlcore's ops: thin wrappers over ``torch.ops.vlcore.*``, one module per op family."""
+
+from vlcore.ops.seq_pack import pack, scatter_image_embeds, unpack
+
+__all__ = ["pack", "unpack", "scatter_image_embeds"]
