@@ -3,11 +3,13 @@
 // Rows: a padded tensor [B, L, *row] holds B*L rows, a packed tensor [T, *row] holds T rows; the kernels
 // move whole rows of bytes, so every dtype (bool, ints, floats, complex, fp8) is supported alike.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <c10/core/Scalar.h>
 
 #include <array>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "common/checks.h"
@@ -71,6 +73,13 @@ inline void check_scatter_backward(const at::Tensor& grad_out, const at::Tensor&
                "image_positions must be int64 or int32, got ", image_positions.scalar_type());
   VLCORE_CHECK(image_positions.dim() == 1, op, "image_positions must be 1-D, got shape ", image_positions.sizes());
   check_same_device(op, grad_out, "grad_out", image_positions, "image_positions");
+}
+
+// Uninitialised gradients of scatter_image_embeds: (grad_text like grad_out, grad_image [N, *row]).
+inline std::tuple<at::Tensor, at::Tensor> empty_scatter_grads(const at::Tensor& grad_out, int64_t num_image_tokens) {
+  std::vector<int64_t> image_sizes = grad_out.sizes().vec();
+  image_sizes[0] = num_image_tokens;
+  return {at::empty(grad_out.sizes(), grad_out.options()), at::empty(image_sizes, grad_out.options())};
 }
 
 // The pad value as 16 bytes: the element's bytes repeated, so any power-of-two vector width reads it.

@@ -101,10 +101,7 @@ std::tuple<at::Tensor, at::Tensor> scatter_image_embeds_backward_cpu(const at::T
   const int64_t total = grad_out.size(0);
   const auto row_of = image_row_of_token("scatter_image_embeds_backward", image_positions, total);
   const at::Tensor g = grad_out.contiguous();
-  at::Tensor grad_text = at::empty(g.sizes(), g.options());
-  std::vector<int64_t> image_sizes = g.sizes().vec();
-  image_sizes[0] = image_positions.size(0);
-  at::Tensor grad_image = at::empty(image_sizes, g.options());
+  auto [grad_text, grad_image] = empty_scatter_grads(g, image_positions.size(0));
   const int64_t rb = row_bytes(g, 1);
   if (grad_text.numel() == 0) return {grad_text, grad_image};
   const auto* src = static_cast<const char*>(g.data_ptr());

@@ -180,10 +180,7 @@ std::tuple<at::Tensor, at::Tensor> scatter_image_embeds_backward_cuda(const at::
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t total = grad_out.size(0);
   const at::Tensor g = grad_out.contiguous();
-  at::Tensor grad_text = at::empty(g.sizes(), g.options());
-  std::vector<int64_t> image_sizes = g.sizes().vec();
-  image_sizes[0] = image_positions.size(0);
-  at::Tensor grad_image = at::empty(image_sizes, g.options());
+  auto [grad_text, grad_image] = empty_scatter_grads(g, image_positions.size(0));
   const int64_t rb = row_bytes(g, 1);
   if (grad_text.numel() == 0) return {grad_text, grad_image};
   const at::Tensor image_row = image_row_map(image_positions, total, stream);
