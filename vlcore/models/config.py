@@ -98,6 +98,8 @@ class FusionConfig:
     layers: int = 6  # top blocks of each tower that get cross-attention (FIBER: 6)
     mlm_probability: float = 0.15
     itm_hard_negatives: bool = True  # sample ITM negatives from the ITC similarities (else uniformly)
+    mask_token_id: int = 257  # ByteTokenizer's <mask>; give the BPE vocabulary an extra id for it
+    special_token_ids: list = field(default_factory=lambda: [0, 257, 258, 259, 260])  # never masked
 
     def check(self, vision: VisionConfig, text: TextConfig) -> None:
         where = "FusionConfig"
@@ -110,12 +112,15 @@ class FusionConfig:
             raise ValueError(f"{where}: the fusion text tower must be bidirectional (text_cfg.causal = false)")
         if vision.tome_r:
             raise ValueError(f"{where}: ToMe is not supported in the fused image tower")
+        if not 0 <= self.mask_token_id < text.vocab_size:
+            raise ValueError(f"{where}: mask_token_id {self.mask_token_id} is outside the vocabulary ({text.vocab_size})")
 
 
 @dataclass
 class ConnectorConfig:
     kind: str = "avg_pool"  # "avg_pool" (Open-Qwen2VL), "bilinear" (LLaVA-OneVision), "merge_2x2" (Qwen2-VL), "none"
     output_hw: Optional[list] = None  # pooled grid for avg_pool / bilinear, e.g. [12, 12]
+    image_token_id: int = 258  # the placeholder id that vision tokens replace (ByteTokenizer's <image>)
 
     def check(self, vision: VisionConfig) -> None:
         where = "ConnectorConfig"

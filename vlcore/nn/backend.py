@@ -221,6 +221,18 @@ def parse_r(num_layers: int, r) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Packing (vlcore.ops.seq_pack, on main)
+
+
+def scatter_image_embeds(text_embeds: torch.Tensor, image_embeds: torch.Tensor, image_positions: torch.Tensor,
+                         *, impl: Impl = "torch") -> torch.Tensor:
+    """``text_embeds [T, C]`` with rows ``image_positions [N]`` replaced by ``image_embeds [N, C]``."""
+    if _use_vlcore(impl, "scatter_image_embeds"):
+        return vlcore.ops.scatter_image_embeds(text_embeds, image_embeds, image_positions)
+    return text_embeds.index_put((image_positions.long(),), image_embeds)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Pooling connectors (vlp.md §3)
 
 

@@ -76,14 +76,17 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, *, key_lengths: Optional[torch.Tensor] = None,
                 cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
-                kv_cache: Optional[KVCache] = None, context: Optional[torch.Tensor] = None,
+                key_bias: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
+                context: Optional[torch.Tensor] = None,
                 context_lengths: Optional[torch.Tensor] = None, context_index: Optional[torch.Tensor] = None,
                 tome_r: int = 0, size: Optional[torch.Tensor] = None, class_token: bool = False):
         """Dense ``x [B, L, C]`` or packed ``x [T, C]`` (``cu_seqlens``). ``context [Bc, Lc, C_ctx]`` switches the
         fusion on (ignored by blocks without one). ``size [B, L, 1]`` is ToMe's token size: when given (or
-        ``tome_r > 0``) the block returns ``(x, size)`` instead of ``x``."""
+        ``tome_r > 0``) the block returns ``(x, size)`` instead of ``x``; its ``log`` joins ``key_bias``
+        (``[B, L_keys]``, additive on every query's logit for that key)."""
         tome = tome_r > 0 or size is not None
-        key_bias = None if size is None else size.log()[..., 0]
+        if size is not None:
+            key_bias = size.log()[..., 0] if key_bias is None else key_bias + size.log()[..., 0]
         a = self.attn(self.norm1(x), key_lengths=key_lengths, key_bias=key_bias, cu_seqlens=cu_seqlens,
                       max_seqlen=max_seqlen, kv_cache=kv_cache, return_keys=tome_r > 0)
         if tome_r > 0:
