@@ -85,11 +85,12 @@ class ChunkedContrastive(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, cols, labels, scale, bias, kind: str, chunk_size: int):
-        total = rows.new_zeros((), dtype=torch.float32)
-        lse = rows.new_empty(rows.shape[0], dtype=torch.float32)
+        acc = _accumulation_dtype(rows)
+        total = rows.new_zeros((), dtype=acc)
+        lse = rows.new_empty(rows.shape[0], dtype=acc)
         for start in range(0, rows.shape[0], chunk_size):
             end = min(start + chunk_size, rows.shape[0])
-            logits = _chunk_logits(rows[start:end], cols, scale, bias)
+            logits = _chunk_logits(rows[start:end], cols, scale, bias, acc)
             chunk_labels = labels[start:end]
             if kind == "softmax":
                 lse[start:end] = logits.logsumexp(dim=1)
@@ -104,17 +105,19 @@ class ChunkedContrastive(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         rows, cols, labels, scale, bias, lse = ctx.saved_tensors
-        g = grad_loss.float() / rows.shape[0]
-        grad_rows = torch.empty_like(rows, dtype=torch.float32)
-        grad_cols = torch.zeros_like(cols, dtype=torch.float32)
-        grad_scale = torch.zeros((), dtype=torch.float32, device=rows.device)
-        grad_bias = torch.zeros((), dtype=torch.float32, device=rows.device)
-        cols32 = cols.float()
+        acc = _accumulation_dtype(rows)
+        g = grad_loss.to(acc) / rows.shape[0]
+        scale_acc = scale.to(acc)
+        grad_rows = torch.empty_like(rows, dtype=acc)
+        grad_cols = torch.zeros_like(cols, dtype=acc)
+        grad_scale = torch.zeros((), dtype=acc, device=rows.device)
+        grad_bias = torch.zeros((), dtype=acc, device=rows.device)
+        cols_acc = cols.to(acc)
         for start in range(0, rows.shape[0], ctx.chunk_size):
             end = min(start + ctx.chunk_size, rows.shape[0])
-            chunk = rows[start:end].float()
-            dots = chunk @ cols32.t()
-            logits = scale.float() * dots + (bias.float() if ctx.has_bias else 0.0)
+            chunk = rows[start:end].to(acc)
+            dots = chunk @ cols_acc.t()
+            logits = scale_acc * dots + (bias.to(acc) if ctx.has_bias else 0.0)
             chunk_labels = labels[start:end]
             if ctx.kind == "softmax":
                 grad_logits = torch.exp(logits - lse[start:end, None])
@@ -123,17 +126,22 @@ class ChunkedContrastive(torch.autograd.Function):
                 sign = _sign(logits, chunk_labels)
                 grad_logits = -sign * torch.sigmoid(-sign * logits)
             grad_logits *= g
-            grad_rows[start:end] = scale.float() * (grad_logits @ cols32)
-            grad_cols += scale.float() * (grad_logits.t() @ chunk)
+            grad_rows[start:end] = scale_acc * (grad_logits @ cols_acc)
+            grad_cols += scale_acc * (grad_logits.t() @ chunk)
             grad_scale += (grad_logits * dots).sum()
             grad_bias += grad_logits.sum()
         return (grad_rows.to(rows.dtype), grad_cols.to(cols.dtype), None, grad_scale.to(scale.dtype),
                 grad_bias.to(bias.dtype) if ctx.has_bias else None, None, None)
 
 
-def _chunk_logits(rows, cols, scale, bias):
-    logits = scale.float() * (rows.float() @ cols.float().t())
-    return logits + bias.float() if bias is not None else logits
+def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for half types (the logits' softmax needs it), the input's own dtype for fp32 / fp64."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _chunk_logits(rows, cols, scale, bias, acc):
+    logits = scale.to(acc) * (rows.to(acc) @ cols.to(acc).t())
+    return logits + bias.to(acc) if bias is not None else logits
 
 
 def _sign(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
