@@ -156,12 +156,14 @@ class TorchTomeMatch(NamedTuple):
 def tome_match(metric: torch.Tensor, r: int, *, class_token: bool = False, distill_token: bool = False,
                impl: Impl = "torch"):
     """Bipartite soft matching of ``metric [B, N, c]`` (keys averaged over heads): which ``r`` tokens merge
-    into which. ``r`` is clamped to ``(N - protected) // 2``. The result is opaque; give it to
-    :func:`tome_merge` with the same ``impl``."""
+    into which. ``r`` is clamped to ``(N - protected) // 2`` (None when that leaves nothing to merge).
+    The result is opaque; give it to :func:`tome_merge` with the same ``impl``."""
     if _use_vlcore(impl, "tome_match"):
         return vlcore.ops.tome_match(metric, r, class_token=class_token, distill_token=distill_token)
     protected = int(class_token) + int(distill_token)
     r = min(r, (metric.shape[1] - protected) // 2)
+    if r <= 0:
+        return None  # nothing to merge: the tokens stay as they are, in their order
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[..., ::2, :], metric[..., 1::2, :]
@@ -188,6 +190,8 @@ def tome_merge(x: torch.Tensor, match, *, size: Optional[torch.Tensor] = None,
         return vlcore.ops.tome_merge(x, match, size=size, mode="wavg")
     if size is None:
         size = torch.ones_like(x[..., :1])
+    if match is None:
+        return x, size
     weighted = _tome_merge_sum(x * size, match)
     size = _tome_merge_sum(size, match)
     return weighted / size, size
@@ -203,9 +207,9 @@ def _tome_merge_sum(x: torch.Tensor, match: TorchTomeMatch) -> torch.Tensor:
 
 
 def parse_r(num_layers: int, r) -> list[int]:
-    """Tokens to merge per layer: an int (constant), a list (padded with 0), or ``(r, inflect)``
-    (linear from ``2r - min`` to ``min = int(r (1 - inflect))``; ``(r, -1)`` is 2r at the first layer and 0
-    at the last)."""
+    """Tokens to merge per layer (ToMe's ``parse_r``): an int (constant), a list (padded with 0), or
+    ``(r, inflect)``: linear from ``first = int(r (1 - inflect))`` at the first layer to ``2r - first`` at the
+    last, so ``(r, -1)`` is 2r at the first layer and 0 at the last."""
     try:
         from vlcore.nn.tome import parse_r as vlcore_parse_r
     except ImportError:
