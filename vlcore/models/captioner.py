@@ -108,11 +108,11 @@ class Captioner(nn.Module):
         ids = torch.zeros(batch, width, dtype=torch.long, device=device)
         for b, p in enumerate(prompts):
             ids[b, width - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
-        x = self.lm.token_embedding(ids)
+        positions = (torch.arange(total, device=device)[None] - pads[:, None]).clamp_min(0)
+        x = self.lm.embed(ids, positions[:, :width])
+        # As in training (forward), vision rows replace whole embedded rows: they carry no position embedding.
         image_rows = pads[:, None] + torch.arange(n, device=device)  # [B, n] where each sample's image goes
         x = x.scatter(1, image_rows[..., None].expand(-1, -1, x.shape[-1]), self.image_tokens(images).to(x.dtype))
-        positions = (torch.arange(total, device=device)[None] - pads[:, None]).clamp_min(0)
-        x = x + self.lm.positional_embedding[positions[:, :width]]
         key_bias = torch.zeros(batch, total, dtype=x.dtype, device=device)
         key_bias.masked_fill_(torch.arange(total, device=device)[None] < pads[:, None], float("-inf"))
         caches = [KVCache(batch, total, blk.attn.num_kv_heads, blk.attn.head_dim, dtype=x.dtype, device=device)
@@ -131,5 +131,5 @@ class Captioner(nn.Module):
                 finished |= next_ids == eos_token_id
                 if bool(finished.all()):
                     break
-            x = self.lm.token_embedding(next_ids[:, None]) + self.lm.positional_embedding[positions[:, seen : seen + 1]]
+            x = self.lm.embed(next_ids[:, None], positions[:, seen : seen + 1])
         return out

@@ -44,10 +44,13 @@ class TextTransformer(nn.Module):
         return (tokens != self.cfg.pad_id).sum(dim=1, dtype=torch.int32).clamp_min(1)
 
     def embed(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if tokens.shape[-1] > self.cfg.context_length:
-            raise ValueError(f"TextTransformer: {tokens.shape[-1]} tokens exceed context_length {self.cfg.context_length}")
-        pos = self.positional_embedding[: tokens.shape[-1]] if position_ids is None else self.positional_embedding[position_ids]
-        return self.token_embedding(tokens) + pos
+        """Token + position embeddings; positions ``0..L-1`` of ``tokens [B, L]``, or ``position_ids`` (same
+        shape as ``tokens``; packed sequences restart them per sample)."""
+        if position_ids is None:
+            if tokens.shape[-1] > self.cfg.context_length:
+                raise ValueError(f"TextTransformer: {tokens.shape[-1]} tokens exceed context_length {self.cfg.context_length}")
+            return self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[-1]]
+        return self.token_embedding(tokens) + self.positional_embedding[position_ids]
 
     def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """All blocks, no fusion: ``[B, L, width]`` after ``norm_final``."""
