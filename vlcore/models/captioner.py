@@ -1,0 +1,135 @@
+"""LLaVA / Open-Qwen2VL-style captioner: vision tower -> connector (token pooling or 2x2 merger) -> MLP
+projector -> causal decoder LM, trained on packed multimodal sequences (vlcore.packing: cu_seqlens,
+positions restarting per sample, vision tokens scattered into their placeholder rows, loss only where
+``labels != -100``), with greedy batched generation over a KV cache.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlcore.models.config import ModelConfig
+from vlcore.models.text import TextTransformer
+from vlcore.models.vision import VisionTransformer
+from vlcore.nn import backend
+from vlcore.nn.attention import KVCache
+from vlcore.nn.transformer import Mlp
+from vlcore.packing import IGNORE_INDEX, PackedBatch
+
+
+class Captioner(nn.Module):
+    """``forward(packed_batch, images [N_img, 3, H, W]) -> dict(loss, num_targets)``; ``generate``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        vision, text, connector = cfg.vision_cfg, cfg.text_cfg, cfg.connector_cfg
+        self.impl = cfg.impl
+        self.visual = VisionTransformer(vision, None, impl=cfg.impl)
+        merged_width = vision.width * (4 if connector.kind == "merge_2x2" else 1)
+        # Qwen2-VL's merger normalises the four concatenated tokens before its MLP.
+        self.merge_norm = nn.LayerNorm(merged_width, eps=vision.norm_eps) if connector.kind == "merge_2x2" else None
+        self.projector = Mlp(merged_width, text.width, text.width, act="gelu")
+        self.lm = TextTransformer(text, None, impl=cfg.impl)
+        self.lm_head = nn.Linear(text.width, text.vocab_size, bias=False)
+        self.num_image_tokens = connector.num_tokens(vision)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision_cfg.image_size
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.connector_cfg.image_token_id
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """``[N_img, 3, H, W] -> [N_img, num_image_tokens, lm width]``."""
+        vision, connector = self.config.vision_cfg, self.config.connector_cfg
+        tokens, _ = self.visual.forward_tokens(images)
+        tokens = tokens[:, int(vision.class_token):]  # the connector works on the patch grid
+        grid = (vision.grid_size, vision.grid_size)
+        if connector.kind in ("avg_pool", "bilinear"):
+            tokens = backend.token_pool_2d(tokens, grid, output_hw=tuple(connector.output_hw),
+                                           mode="avg" if connector.kind == "avg_pool" else "bilinear", impl=self.impl)
+        elif connector.kind == "merge_2x2":
+            tokens = self.merge_norm(backend.patch_merge_2x2(tokens, grid, impl=self.impl))
+        return self.projector(tokens)
+
+    def sample(self, caption_ids: Sequence[int], prompt_ids: Sequence[int] = ()) -> dict:
+        """One training sample for :func:`vlcore.packing.build_packed_batch`: image placeholders, then the
+        prompt (no loss), then the caption (loss)."""
+        prefix = [self.image_token_id] * self.num_image_tokens + list(prompt_ids)
+        input_ids = torch.tensor(prefix + list(caption_ids), dtype=torch.long)
+        labels = input_ids.clone()
+        labels[: len(prefix)] = IGNORE_INDEX
+        return {"input_ids": input_ids, "labels": labels}
+
+    def forward(self, batch: PackedBatch, images: torch.Tensor) -> dict:
+        """Mean next-token cross-entropy over the packed batch's caption tokens. ``batch.input_ids [T]``
+        holds ``num_image_tokens`` placeholders per image, images in order."""
+        vision_rows = self.image_tokens(images).flatten(0, 1)
+        if vision_rows.shape[0] != batch.image_positions.shape[0]:
+            raise ValueError(f"Captioner: {images.shape[0]} images give {vision_rows.shape[0]} vision tokens but the "
+                             f"batch has {batch.image_positions.shape[0]} image placeholders")
+        x = self.lm.embed(batch.input_ids, batch.position_ids)
+        x = backend.scatter_image_embeds(x, vision_rows.to(x.dtype), batch.image_positions, impl=self.impl)
+        for block in self.lm.blocks:
+            x = block(x, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)
+        x = self.lm.norm_final(x)
+        # Row t predicts labels[t + 1]; each sample's first label is -100, so no row predicts across samples.
+        targets = batch.labels[1:]
+        taken = targets != IGNORE_INDEX
+        logits = self.lm_head(x[:-1][taken])
+        return {"loss": F.cross_entropy(logits.float(), targets[taken]), "num_targets": taken.sum()}
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, prompts: Optional[Sequence[Sequence[int]]] = None, *,
+                 max_new_tokens: int = 16, eos_token_id: Optional[int] = None) -> list[list[int]]:
+        """Greedy decoding for a batch of images ``[B, 3, H, W]``, each with its own prompt token list.
+
+        Sequences are left-padded to a common length (pad keys get a -inf bias, positions start at each
+        sample's first real token), prefilled once, then decoded one token per step over a KV cache.
+        Returns the generated ids of each sample, up to and including ``eos_token_id``.
+        """
+        batch = images.shape[0]
+        prompts = [list(p) for p in prompts] if prompts is not None else [[] for _ in range(batch)]
+        n = self.num_image_tokens
+        lengths = [n + len(p) for p in prompts]
+        width = max(lengths)
+        total = width + max_new_tokens
+        if total > self.config.text_cfg.context_length:
+            raise ValueError(f"Captioner.generate: {total} positions exceed context_length {self.config.text_cfg.context_length}")
+        device = images.device
+        pads = torch.tensor([width - length for length in lengths], device=device)
+        ids = torch.zeros(batch, width, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            ids[b, width - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+        positions = (torch.arange(total, device=device)[None] - pads[:, None]).clamp_min(0)
+        x = self.lm.embed(ids, positions[:, :width])
+        # As in training (forward), vision rows replace whole embedded rows: they carry no position embedding.
+        image_rows = pads[:, None] + torch.arange(n, device=device)  # [B, n] where each sample's image goes
+        x = x.scatter(1, image_rows[..., None].expand(-1, -1, x.shape[-1]), self.image_tokens(images).to(x.dtype))
+        key_bias = torch.zeros(batch, total, dtype=x.dtype, device=device)
+        key_bias.masked_fill_(torch.arange(total, device=device)[None] < pads[:, None], float("-inf"))
+        caches = [KVCache(batch, total, blk.attn.num_kv_heads, blk.attn.head_dim, dtype=x.dtype, device=device)
+                  for blk in self.lm.blocks]
+
+        out = [[] for _ in range(batch)]
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            seen = width + step
+            for block, cache in zip(self.lm.blocks, caches):
+                x = block(x, key_bias=key_bias[:, :seen], kv_cache=cache)
+            next_ids = self.lm_head(self.lm.norm_final(x[:, -1])).argmax(dim=-1)
+            for b in (~finished).nonzero().flatten().tolist():
+                out[b].append(int(next_ids[b]))
+            if eos_token_id is not None:
+                finished |= next_ids == eos_token_id
+                if bool(finished.all()):
+                    break
+            x = self.lm.embed(next_ids[:, None], positions[:, seen : seen + 1])
+        return out

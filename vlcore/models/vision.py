@@ -1,0 +1,76 @@
+"""Vision transformer (open_clip's layout): patch embedding, class token, learned positions, ``ln_pre``,
+pre-LN blocks with optional ToMe merging per layer, ``ln_post``, pooling and a projection."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from vlcore.models.config import VisionConfig
+from vlcore.nn.backend import Impl
+from vlcore.nn.transformer import Block
+
+
+class VisionTransformer(nn.Module):
+    """Images ``[B, 3, H, W]`` -> tokens ``[B, N, width]`` and pooled, projected features ``[B, embed_dim]``.
+
+    With ToMe (``cfg.tome_r``) the tokens are merged after every block's attention; each token carries a
+    ``size`` (patches merged into it) used for proportional attention and the size-weighted ``avg`` pool.
+    ``context_dim`` gives the top ``fusion_layers`` blocks FIBER's cross-attention (see ``vlcore.nn.Block``).
+    """
+
+    def __init__(self, cfg: VisionConfig, embed_dim: Optional[int], *, impl: Impl = "torch",
+                 fusion_layers: int = 0, context_dim: Optional[int] = None):
+        super().__init__()
+        self.cfg = cfg
+        width = cfg.width
+        self.patch_embed = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        scale = width ** -0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(width)) if cfg.class_token else None
+        self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.num_tokens, width))
+        self.norm_pre = nn.LayerNorm(width, eps=cfg.norm_eps)
+        first_fused = cfg.layers - fusion_layers
+        self.blocks = nn.ModuleList([
+            Block(width, cfg.heads, mlp_ratio=cfg.mlp_ratio, act=cfg.act, norm_eps=cfg.norm_eps,
+                  context_dim=context_dim if i >= first_fused else None, impl=impl)
+            for i in range(cfg.layers)])
+        self.norm_post = nn.LayerNorm(width, eps=cfg.norm_eps)
+        self.proj = nn.Linear(width, embed_dim, bias=False) if embed_dim else None
+        self.tome_schedule = cfg.tome_schedule
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W] -> [B, N, width]``: patches (+ class token first) + positions, then ``norm_pre``."""
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        if self.class_embedding is not None:
+            x = torch.cat([self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+        return self.norm_pre(x + self.positional_embedding.to(x.dtype))
+
+    def forward_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """All blocks, no fusion: ``(tokens [B, N', width] after norm_post, size [B, N', 1] or None)``."""
+        x, size = self.embed(images), None
+        for block, r in zip(self.blocks, self.tome_schedule):
+            if r > 0 or size is not None:
+                x, size = block(x, tome_r=r, size=size, class_token=self.cfg.class_token)
+            else:
+                x = block(x)
+        return self.norm_post(x), size
+
+    def pool(self, tokens: torch.Tensor, size: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[B, N, width] -> [B, width]``: the class token, or the (size-weighted) mean of the patch tokens."""
+        if self.cfg.pool == "tok":
+            return tokens[:, 0]
+        patches = tokens[:, int(self.cfg.class_token):]
+        if size is None:
+            return patches.mean(dim=1)
+        weights = size[:, int(self.cfg.class_token):]
+        return (patches * weights).sum(dim=1) / weights.sum(dim=1)
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        return pooled if self.proj is None else self.proj(pooled)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled, projected (not normalised) image features ``[B, embed_dim]``."""
+        tokens, size = self.forward_tokens(images)
+        return self.project(self.pool(tokens, size))
