@@ -100,3 +100,15 @@ def test_zero_shot_and_retrieval_helpers_on_separable_data():
     assert metrics["image_retrieval_recall@1"] == pytest.approx(5 / 6)
     assert metrics["text_retrieval_recall@1"] == pytest.approx(1.0)
     assert metrics["image_retrieval_recall@5"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"vision_cfg": {"tome_r": 2}}], ids=["plain", "tome"])
+def test_clip_compiles_fullgraph(overrides):
+    model = create_model("clip-tiny", impl="torch", **overrides)
+    images = torch.randn(2, 3, 32, 32)
+    tokens = get_tokenizer("byte")(["ab", "cde"], model.context_length)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    want, got = model(images, tokens), compiled(images, tokens)
+    for key in ("image_features", "text_features", "logit_scale"):
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5)
+    (got["image_features"] @ got["text_features"].t()).sum().backward()
