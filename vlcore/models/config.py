@@ -38,6 +38,9 @@ class VisionConfig:
     pool: str = "tok"  # "tok": class token, "avg": size-weighted mean of the patch tokens
     class_token: bool = True
     tome_r: TomeR = 0  # ToMe tokens merged per layer: int, per-layer list, or (r, inflect); see parse_r
+    # preprocessing for the trainer: normalise RGB in [0, 1] with these (OpenAI CLIP's, open_clip's default)
+    image_mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    image_std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
 
     def __post_init__(self):
         where = "VisionConfig"
