@@ -113,3 +113,11 @@ def test_image_count_must_match_the_placeholders():
     batch = build_packed_batch(_samples(model), image_token_id=model.image_token_id)
     with pytest.raises(ValueError, match="2 images give 32 vision tokens but the batch has 48 image placeholders"):
         model(batch, _images(model, 2))
+
+
+def test_a_pack_without_caption_tokens_has_zero_loss():
+    model = create_model("captioner-tiny")
+    sample = model.sample([], prompt_ids=[TOK.sot_id])  # image and prompt only: nothing to predict
+    out = model(build_packed_batch([sample], image_token_id=model.image_token_id), _images(model, 1))
+    assert out["loss"].item() == 0.0 and out["num_targets"].item() == 0
+    out["loss"].backward()
