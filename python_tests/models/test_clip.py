@@ -112,3 +112,15 @@ def test_clip_compiles_fullgraph(overrides):
     for key in ("image_features", "text_features", "logit_scale"):
         torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5)
     (got["image_features"] @ got["text_features"].t()).sum().backward()
+
+
+@pytest.mark.parametrize("name", ["clip-tiny", "fiber-tiny", "captioner-tiny"])
+def test_every_matrix_is_a_plain_linear_for_nvfp4_convert(name):
+    # vlcore.nvfp4.convert swaps nn.Linear modules and looks for transformer blocks in `blocks` ModuleLists.
+    model = create_model(name)
+    for module_name, module in model.named_modules():
+        for param_name, p in module.named_parameters(recurse=False):
+            if p.dim() == 2 and not isinstance(module, torch.nn.Embedding) and param_name != "positional_embedding":
+                assert type(module) is torch.nn.Linear, f"{module_name}.{param_name} is in a {type(module).__name__}"
+    towers = [m for n, m in model.named_modules() if n.endswith("blocks")]
+    assert towers and all(isinstance(t, torch.nn.ModuleList) and len(t) > 0 for t in towers)
