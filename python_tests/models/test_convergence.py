@@ -64,8 +64,9 @@ def _train(name, overrides, impl, step_fn, batch):
     ("clip-tiny", {}, _clip_step, 8),
     ("clip-tiny", {"vision_cfg": {"tome_r": 2, "pool": "avg"}}, _clip_step, 8),
     ("fiber-tiny", {}, _fusion_step, 4),
+    ("bridgetower-tiny", {}, _fusion_step, 4),
     ("captioner-tiny", {}, _captioner_step, 4),
-], ids=["clip", "clip-tome", "fiber", "captioner"])
+], ids=["clip", "clip-tome", "fiber", "bridgetower", "captioner"])
 def test_vlcore_and_torch_impls_train_alike(name, overrides, step_fn, batch):
     reference = _train(name, overrides, "torch", step_fn, batch)
     candidate = _train(name, overrides, "vlcore", step_fn, batch)

@@ -98,7 +98,8 @@ class TextConfig:
 
 @dataclass
 class FusionConfig:
-    layers: int = 6  # top blocks of each tower that get cross-attention (FIBER: 6)
+    layers: int = 6  # FIBER: top blocks of each tower with cross-attention; BridgeTower: cross-modal layers
+    variant: str = "fiber"  # "fiber": fusion in the backbone; "bridgetower": a cross-modal encoder fed by bridges
     mlm_probability: float = 0.15
     itm_hard_negatives: bool = True  # sample ITM negatives from the ITC similarities (else uniformly)
     mask_token_id: int = 257  # ByteTokenizer's <mask>; give the BPE vocabulary an extra id for it
@@ -106,6 +107,7 @@ class FusionConfig:
 
     def check(self, vision: VisionConfig, text: TextConfig) -> None:
         where = "FusionConfig"
+        _check_choice(where, "variant", self.variant, ("fiber", "bridgetower"))
         if not 0 < self.layers <= min(vision.layers, text.layers):
             raise ValueError(f"{where}: fusion layers ({self.layers}) must be in [1, min(vision layers "
                              f"{vision.layers}, text layers {text.layers})]")
