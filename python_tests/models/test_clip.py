@@ -16,6 +16,13 @@ def test_list_models_has_the_presets():
     assert {"clip-tiny", "ViT-B-32", "ViT-B-16", "ViT-L-14", "fiber-tiny", "fiber-base", "captioner-tiny"} <= names
 
 
+@pytest.mark.parametrize("name", list_models())
+def test_every_preset_builds(name):
+    with torch.device("meta"):  # shapes only: the full-size presets allocate nothing
+        model = create_model(name)
+    assert model.config.kind in ("clip", "fusion", "captioner") and model.image_size > 0
+
+
 @pytest.mark.parametrize("name, params_m", [("ViT-B-32", 151.28), ("ViT-B-16", 149.62), ("ViT-L-14", 427.62)])
 def test_open_clip_sizes_have_open_clip_parameter_counts(name, params_m):
     # open_clip.create_model(name) parameter counts (fp32, random init): 151.28M / 149.62M / 427.62M.

@@ -10,6 +10,9 @@ Objectives (summed, as FIBER does): ITC on the unfused features, ITM on ``[I; I;
 text stream. The lower, unfused blocks run once per input; only the top K run per pair. For ITM the first
 fused layer reads each image's / text's K/V once through ``context_index`` (the attention's ``kv_segment``
 under ``impl="vlcore"``; copies under ``impl="torch"``).
+
+:class:`BridgeTowerModel` (``fusion_cfg.variant = "bridgetower"``, vlp.md §1.5) keeps the towers unimodal
+and fuses in a K-layer cross-modal encoder fed by bridge layers, with the same heads and objectives.
 """
 
 from __future__ import annotations
