@@ -11,11 +11,12 @@ which still differs from the torch impl's copied negatives).
 import pytest
 import torch
 
-from python_tests.conftest import DEVICES
 from vlcore.models import create_model
 from vlcore.models.losses import ClipLoss
 from vlcore.models.tokenizer import ByteTokenizer
 from vlcore.packing import build_packed_batch
+
+from ..conftest import DEVICES
 
 STEPS = 30
 WORDS = ["red", "green", "blue", "square", "circle", "dot", "line", "big", "small", "two"]
