@@ -136,13 +136,18 @@ class ConnectorConfig:
                 raise ValueError(f"{where}: output_hw must be [h, w] within the {grid}x{grid} grid, got {self.output_hw}")
         if self.kind == "merge_2x2" and grid % 2:
             raise ValueError(f"{where}: merge_2x2 needs an even token grid, got {grid}x{grid}")
-        if vision.tome_r:
-            raise ValueError(f"{where}: a pooling connector needs the token grid, which ToMe merging destroys")
+        if vision.tome_r and self.kind != "none":
+            raise ValueError(f"{where}: a pooling connector needs the token grid, which ToMe merging destroys "
+                             "(ToMe in the vision tower goes with kind='none')")
 
     def num_tokens(self, vision: VisionConfig) -> int:
+        """Vision tokens per image handed to the language model."""
         if self.kind in ("avg_pool", "bilinear"):
             return self.output_hw[0] * self.output_hw[1]
-        return vision.grid_size ** 2 // (4 if self.kind == "merge_2x2" else 1)
+        if self.kind == "merge_2x2":
+            return vision.grid_size ** 2 // 4
+        # "none": every patch token left after ToMe (the schedule was checked to fit, so each r applies)
+        return vision.grid_size ** 2 - sum(vision.tome_schedule)
 
 
 MODEL_KINDS = ("clip", "fusion", "captioner")
