@@ -83,12 +83,15 @@ def test_batched_cached_generation_equals_recomputed_greedy(impl):
     assert stopped == [want[0][: want[0].index(eos) + 1]]
 
 
-@pytest.mark.parametrize("connector", [{"kind": "merge_2x2"}, {"kind": "bilinear", "output_hw": [3, 5]},
-                                       {"kind": "none"}])
-def test_connectors_train(connector):
-    model = create_model("captioner-tiny", impl="torch", connector_cfg=connector)
-    grid = model.config.vision_cfg.grid_size
-    expected = {"merge_2x2": grid * grid // 4, "bilinear": 15, "none": grid * grid}[connector["kind"]]
+@pytest.mark.parametrize("connector, vision, expected", [
+    ({"kind": "merge_2x2"}, {}, 64 // 4),
+    ({"kind": "bilinear", "output_hw": [3, 5]}, {}, 15),
+    ({"kind": "none"}, {}, 64),
+    ({"kind": "none"}, {"tome_r": [8, 6]}, 64 - 8 - 6),  # ToMe in the vision tower only, before the projector
+])
+def test_connectors_train(connector, vision, expected):
+    model = create_model("captioner-tiny", impl="torch", connector_cfg=connector, vision_cfg=vision)
+    assert model.config.vision_cfg.grid_size == 8
     assert model.num_image_tokens == expected
     images = _images(model, 2)
     assert model.image_tokens(images).shape == (2, expected, model.config.text_cfg.width)
@@ -101,7 +104,7 @@ def test_connectors_train(connector):
     (dict(text_cfg={"causal": False}), "language model must be causal"),
     (dict(connector_cfg={"output_hw": [9, 9]}), "output_hw must be \\[h, w\\] within the 8x8 grid"),
     (dict(connector_cfg={"kind": "perceiver"}), "kind must be one of"),
-    (dict(vision_cfg={"tome_r": 4}), "ToMe merging destroys"),
+    (dict(vision_cfg={"tome_r": 4}), "ToMe merging destroys \\(ToMe in the vision tower goes with kind='none'\\)"),
 ])
 def test_bad_captioner_configs_raise(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -113,3 +116,11 @@ def test_image_count_must_match_the_placeholders():
     batch = build_packed_batch(_samples(model), image_token_id=model.image_token_id)
     with pytest.raises(ValueError, match="2 images give 32 vision tokens but the batch has 48 image placeholders"):
         model(batch, _images(model, 2))
+
+
+def test_a_pack_without_caption_tokens_has_zero_loss():
+    model = create_model("captioner-tiny")
+    sample = model.sample([], prompt_ids=[TOK.sot_id])  # image and prompt only: nothing to predict
+    out = model(build_packed_batch([sample], image_token_id=model.image_token_id), _images(model, 1))
+    assert out["loss"].item() == 0.0 and out["num_targets"].item() == 0
+    out["loss"].backward()

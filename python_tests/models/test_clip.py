@@ -16,6 +16,13 @@ def test_list_models_has_the_presets():
     assert {"clip-tiny", "ViT-B-32", "ViT-B-16", "ViT-L-14", "fiber-tiny", "fiber-base", "captioner-tiny"} <= names
 
 
+@pytest.mark.parametrize("name", list_models())
+def test_every_preset_builds(name):
+    with torch.device("meta"):  # shapes only: the full-size presets allocate nothing
+        model = create_model(name)
+    assert model.config.kind in ("clip", "fusion", "captioner") and model.image_size > 0
+
+
 @pytest.mark.parametrize("name, params_m", [("ViT-B-32", 151.28), ("ViT-B-16", 149.62), ("ViT-L-14", 427.62)])
 def test_open_clip_sizes_have_open_clip_parameter_counts(name, params_m):
     # open_clip.create_model(name) parameter counts (fp32, random init): 151.28M / 149.62M / 427.62M.
@@ -100,3 +107,27 @@ def test_zero_shot_and_retrieval_helpers_on_separable_data():
     assert metrics["image_retrieval_recall@1"] == pytest.approx(5 / 6)
     assert metrics["text_retrieval_recall@1"] == pytest.approx(1.0)
     assert metrics["image_retrieval_recall@5"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"vision_cfg": {"tome_r": 2}}], ids=["plain", "tome"])
+def test_clip_compiles_fullgraph(overrides):
+    model = create_model("clip-tiny", impl="torch", **overrides)
+    images = torch.randn(2, 3, 32, 32)
+    tokens = get_tokenizer("byte")(["ab", "cde"], model.context_length)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    want, got = model(images, tokens), compiled(images, tokens)
+    for key in ("image_features", "text_features", "logit_scale"):
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5)
+    (got["image_features"] @ got["text_features"].t()).sum().backward()
+
+
+@pytest.mark.parametrize("name", ["clip-tiny", "fiber-tiny", "captioner-tiny"])
+def test_every_matrix_is_a_plain_linear_for_nvfp4_convert(name):
+    # vlcore.nvfp4.convert swaps nn.Linear modules and looks for transformer blocks in `blocks` ModuleLists.
+    model = create_model(name)
+    for module_name, module in model.named_modules():
+        for param_name, p in module.named_parameters(recurse=False):
+            if p.dim() == 2 and not isinstance(module, torch.nn.Embedding) and param_name != "positional_embedding":
+                assert type(module) is torch.nn.Linear, f"{module_name}.{param_name} is in a {type(module).__name__}"
+    towers = [m for n, m in model.named_modules() if n.endswith("blocks")]
+    assert towers and all(isinstance(t, torch.nn.ModuleList) and len(t) > 0 for t in towers)

@@ -39,13 +39,14 @@ def test_fusion_starts_as_the_unimodal_towers():
     assert (moved_image - fused_image).abs().max() > 1e-3 and (moved_text - fused_text).abs().max() > 1e-3
 
 
-def test_itm_with_shared_kv_equals_copied_negatives():
+@pytest.mark.parametrize("name", ["fiber-tiny", "bridgetower-tiny"])
+def test_itm_with_shared_kv_equals_copied_negatives(name):
     torch.manual_seed(0)
-    copied = create_model("fiber-tiny", impl="torch")
+    copied = create_model(name, impl="torch")
     with torch.no_grad():
         for p in _alphas(copied).values():
             p.uniform_(0.5, 1.5)
-    shared = create_model("fiber-tiny", impl="vlcore")
+    shared = create_model(name, impl="vlcore")
     shared.load_state_dict(copied.state_dict())
     images, tokens = _batch(copied, 5)
     results = []
@@ -57,9 +58,10 @@ def test_itm_with_shared_kv_equals_copied_negatives():
     (out_c, grads_c), (out_s, grads_s) = results
     for key in ("itc", "itm", "mlm", "loss"):
         torch.testing.assert_close(out_s[key], out_c[key], atol=1e-5, rtol=1e-5)
-    for name, grad in grads_c.items():
-        torch.testing.assert_close(grads_s[name], grad, atol=1e-5, rtol=1e-4, msg=name)
-    assert grads_c["text.blocks.2.cross.alpha"].abs() > 0  # the cross-attention is in the graph
+    for param, grad in grads_c.items():
+        torch.testing.assert_close(grads_s[param], grad, atol=1e-5, rtol=1e-4, msg=param)
+    cross = "text.blocks.2.cross.alpha" if name == "fiber-tiny" else "text_cross.blocks.0.cross.kv.weight"
+    assert grads_c[cross].abs().max() > 0  # the cross-attention is in the graph
 
 
 def test_hard_negatives_come_from_the_similarities_and_never_the_positive():
@@ -98,6 +100,8 @@ def test_mlm_masking_is_bert_80_10_10_and_skips_special_tokens():
     (dict(text_cfg={"causal": True}), "must be bidirectional"),
     (dict(vision_cfg={"tome_r": 2}), "ToMe is not supported in the fused image tower"),
     (dict(fusion_cfg={"mask_token_id": 999}), "mask_token_id 999 is outside the vocabulary"),
+    (dict(fusion_cfg={"variant": "meter"}), "variant must be one of"),
+    (dict(fusion_cfg={"variant": "bridgetower", "layers": 4}), "fusion layers \\(4\\) must be in"),
 ])
 def test_bad_fusion_configs_raise(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -116,3 +120,27 @@ def test_dual_encoder_and_match_scores_shapes():
     assert model.encode_image(images).shape == model.encode_text(tokens).shape == (3, model.config.embed_dim)
     scores = model.match_scores(images, tokens)
     assert scores.shape == (3,) and ((scores >= 0) & (scores <= 1)).all()
+
+
+def test_bridgetower_towers_stay_unimodal_and_bridges_feed_the_cross_encoder():
+    model = create_model("bridgetower-tiny", impl="torch")
+    assert not any(".cross." in n for n, _ in model.visual.named_parameters())
+    images, tokens = _batch(model)
+    lengths = model.text.key_lengths(tokens)
+    image_states, text_states = model.lower_image(images), model.lower_text(tokens)
+    assert len(image_states) == len(text_states) == model.config.fusion_cfg.layers
+    with torch.no_grad():
+        unimodal_image, unimodal_text = model.upper(image_states, text_states, lengths, fuse=False)
+        torch.testing.assert_close(unimodal_image, model.visual.forward_tokens(images)[0], rtol=0, atol=0)
+        torch.testing.assert_close(unimodal_text, model.text.forward_tokens(tokens), rtol=0, atol=0)
+        # Layer 0 of the image side, written out: LN(W h + type) -> self-attn + cross-attn to the text bridge.
+        image_in = model.image_cross.bridges[0](model.image_cross.bridge_proj(image_states[0]) + model.image_cross.type_embedding)
+        text_in = model.text_cross.bridges[0](model.text_cross.bridge_proj(text_states[0]) + model.text_cross.type_embedding)
+        block = model.image_cross.blocks[0]
+        a = block.attn(block.norm1(image_in))
+        a = a + block.cross(block.cross_norm(a), block.context_norm(text_in), context_lengths=lengths)
+        want = image_in + a
+        want = want + block.mlp(block.norm2(want))
+        torch.testing.assert_close(model.image_cross.blocks[0](image_in, context=text_in, context_lengths=lengths), want)
+        fused_image, fused_text = model.upper(image_states, text_states, lengths, fuse=True)
+    assert fused_image.shape == unimodal_image.shape and fused_text.shape == unimodal_text.shape

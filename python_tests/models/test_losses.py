@@ -76,6 +76,15 @@ def test_chunked_loss_equals_plain_loss_values_and_gradients(loss_cls, batch, ch
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_chunked_loss_keeps_fp32_logits_under_autocast():
+    images, texts = _features(33, dim=32, dtype=torch.float32)
+    want = ClipLoss()(images, texts, torch.tensor(50.0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ClipLoss(chunk_size=8)(images, texts, torch.tensor(50.0))
+        lossy = ClipLoss()(images, texts, torch.tensor(50.0))  # bf16 logits: the error the chunked path avoids
+    assert (got - want).abs() < 1e-5 < (lossy - want).abs()
+
+
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
 def test_chunked_function_gradcheck(kind):
     rows, cols = _features(5, dim=4)

@@ -38,6 +38,9 @@ class VisionConfig:
     pool: str = "tok"  # "tok": class token, "avg": size-weighted mean of the patch tokens
     class_token: bool = True
     tome_r: TomeR = 0  # ToMe tokens merged per layer: int, per-layer list, or (r, inflect); see parse_r
+    # preprocessing for the trainer: normalise RGB in [0, 1] with these (OpenAI CLIP's, open_clip's default)
+    image_mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    image_std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
 
     def __post_init__(self):
         where = "VisionConfig"
@@ -95,7 +98,8 @@ class TextConfig:
 
 @dataclass
 class FusionConfig:
-    layers: int = 6  # top blocks of each tower that get cross-attention (FIBER: 6)
+    layers: int = 6  # FIBER: top blocks of each tower with cross-attention; BridgeTower: cross-modal layers
+    variant: str = "fiber"  # "fiber": fusion in the backbone; "bridgetower": a cross-modal encoder fed by bridges
     mlm_probability: float = 0.15
     itm_hard_negatives: bool = True  # sample ITM negatives from the ITC similarities (else uniformly)
     mask_token_id: int = 257  # ByteTokenizer's <mask>; give the BPE vocabulary an extra id for it
@@ -103,6 +107,7 @@ class FusionConfig:
 
     def check(self, vision: VisionConfig, text: TextConfig) -> None:
         where = "FusionConfig"
+        _check_choice(where, "variant", self.variant, ("fiber", "bridgetower"))
         if not 0 < self.layers <= min(vision.layers, text.layers):
             raise ValueError(f"{where}: fusion layers ({self.layers}) must be in [1, min(vision layers "
                              f"{vision.layers}, text layers {text.layers})]")
@@ -131,13 +136,18 @@ class ConnectorConfig:
                 raise ValueError(f"{where}: output_hw must be [h, w] within the {grid}x{grid} grid, got {self.output_hw}")
         if self.kind == "merge_2x2" and grid % 2:
             raise ValueError(f"{where}: merge_2x2 needs an even token grid, got {grid}x{grid}")
-        if vision.tome_r:
-            raise ValueError(f"{where}: a pooling connector needs the token grid, which ToMe merging destroys")
+        if vision.tome_r and self.kind != "none":
+            raise ValueError(f"{where}: a pooling connector needs the token grid, which ToMe merging destroys "
+                             "(ToMe in the vision tower goes with kind='none')")
 
     def num_tokens(self, vision: VisionConfig) -> int:
+        """Vision tokens per image handed to the language model."""
         if self.kind in ("avg_pool", "bilinear"):
             return self.output_hw[0] * self.output_hw[1]
-        return vision.grid_size ** 2 // (4 if self.kind == "merge_2x2" else 1)
+        if self.kind == "merge_2x2":
+            return vision.grid_size ** 2 // 4
+        # "none": every patch token left after ToMe (the schedule was checked to fit, so each r applies)
+        return vision.grid_size ** 2 - sum(vision.tome_schedule)
 
 
 MODEL_KINDS = ("clip", "fusion", "captioner")

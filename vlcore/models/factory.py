@@ -42,8 +42,9 @@ def get_model_config(name: str, **overrides) -> ModelConfig:
 
 
 def create_model(name: str, **overrides) -> nn.Module:
-    """Build the model ``name`` (a :class:`~vlcore.models.clip.CLIP`, ``FusionModel`` or ``Captioner``,
-    by the config's ``kind``) with fresh weights. Raises ``ValueError`` on a bad configuration."""
+    """Build the model ``name`` with fresh weights: a :class:`~vlcore.models.clip.CLIP`, ``FusionModel`` /
+    ``BridgeTowerModel`` or ``Captioner`` by the config's ``kind``. Raises ``ValueError`` on a bad
+    configuration."""
     cfg = get_model_config(name, **overrides)
     return build_model(cfg)
 
@@ -53,7 +54,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         from vlcore.models.clip import CLIP
         return CLIP(cfg)
     if cfg.kind == "fusion":
-        from vlcore.models.fusion import FusionModel
-        return FusionModel(cfg)
+        from vlcore.models.fusion import BridgeTowerModel, FusionModel
+        return FusionModel(cfg) if cfg.fusion_cfg.variant == "fiber" else BridgeTowerModel(cfg)
     from vlcore.models.captioner import Captioner
     return Captioner(cfg)

@@ -10,6 +10,9 @@ Objectives (summed, as FIBER does): ITC on the unfused features, ITM on ``[I; I;
 text stream. The lower, unfused blocks run once per input; only the top K run per pair. For ITM the first
 fused layer reads each image's / text's K/V once through ``context_index`` (the attention's ``kv_segment``
 under ``impl="vlcore"``; copies under ``impl="torch"``).
+
+:class:`BridgeTowerModel` (``fusion_cfg.variant = "bridgetower"``, vlp.md §1.5) keeps the towers unimodal
+and fuses in a K-layer cross-modal encoder fed by bridge layers, with the same heads and objectives.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from vlcore.models.config import ModelConfig
 from vlcore.models.losses import ClipLoss
 from vlcore.models.text import MlmHead, TextTransformer
 from vlcore.models.vision import VisionTransformer
+from vlcore.nn.transformer import Block
 
 IGNORE_INDEX = -100
 
@@ -56,8 +60,9 @@ class FusionModel(nn.Module):
         self.config = cfg
         vision, text, fusion = cfg.vision_cfg, cfg.text_cfg, cfg.fusion_cfg
         self.num_fused = fusion.layers
-        self.visual = VisionTransformer(vision, None, impl=cfg.impl, fusion_layers=fusion.layers, context_dim=text.width)
-        self.text = TextTransformer(text, None, impl=cfg.impl, fusion_layers=fusion.layers, context_dim=vision.width)
+        in_backbone = fusion.layers if fusion.variant == "fiber" else 0  # BridgeTower fuses after the towers
+        self.visual = VisionTransformer(vision, None, impl=cfg.impl, fusion_layers=in_backbone, context_dim=text.width)
+        self.text = TextTransformer(text, None, impl=cfg.impl, fusion_layers=in_backbone, context_dim=vision.width)
         self.itc_image_proj = nn.Linear(vision.width, cfg.embed_dim)
         self.itc_text_proj = nn.Linear(text.width, cfg.embed_dim)
         self.logit = LogitScale(cfg.init_logit_scale, cfg.init_logit_bias)
@@ -190,3 +195,77 @@ class FusionModel(nn.Module):
         else:  # nothing masked in this batch (tiny batches): a zero that keeps the graph connected
             mlm = 0.0 * self.mlm_head(mlm_states[:, :1]).sum()
         return {"itc": itc, "itm": itm, "mlm": mlm, "loss": itc + itm + mlm}
+
+
+class CrossModalTower(nn.Module):
+    """One modality's side of BridgeTower's cross-modal encoder: ``layers`` blocks with (ungated)
+    cross-attention to the other side, each fed by a bridge ``LN(W h_uni + type + x_prev)``."""
+
+    def __init__(self, width: int, heads: int, context_dim: int, layers: int, *, mlp_ratio: float, act: str,
+                 norm_eps: float, impl):
+        super().__init__()
+        self.bridge_proj = nn.Linear(width, width)
+        self.type_embedding = nn.Parameter(torch.zeros(width))
+        self.bridges = nn.ModuleList([nn.LayerNorm(width, eps=norm_eps) for _ in range(layers)])
+        self.blocks = nn.ModuleList([
+            Block(width, heads, mlp_ratio=mlp_ratio, act=act, norm_eps=norm_eps, context_dim=context_dim, gated=False,
+                  impl=impl) for _ in range(layers)])
+        self.norm = nn.LayerNorm(width, eps=norm_eps)
+
+    def bridge(self, layer: int, unimodal: torch.Tensor, previous: Optional[torch.Tensor]) -> torch.Tensor:
+        x = self.bridge_proj(unimodal) + self.type_embedding.to(unimodal.dtype)
+        return self.bridges[layer](x if previous is None else x + previous)
+
+
+class BridgeTowerModel(FusionModel):
+    """BridgeTower-style fusion (vlp.md §1.5) on the same blocks and objectives as :class:`FusionModel`: the
+    towers run unfused; the outputs of their top K layers feed, one to one through bridge layers, a K-layer
+    cross-modal encoder per modality whose layers read each other's inputs (cross-attention, not gated)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        vision, text, k = cfg.vision_cfg, cfg.text_cfg, cfg.fusion_cfg.layers
+        self.image_cross = CrossModalTower(vision.width, vision.heads, text.width, k, mlp_ratio=vision.mlp_ratio,
+                                           act=vision.act, norm_eps=vision.norm_eps, impl=cfg.impl)
+        self.text_cross = CrossModalTower(text.width, text.heads, vision.width, k, mlp_ratio=text.mlp_ratio,
+                                          act=text.act, norm_eps=text.norm_eps, impl=cfg.impl)
+
+    def lower_image(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The outputs of the top K vision layers (the last one is the unimodal tower's)."""
+        x, outputs = self.visual.embed(images), []
+        for i, block in enumerate(self.visual.blocks):
+            x = block(x)
+            if i >= len(self.visual.blocks) - self.num_fused:
+                outputs.append(x)
+        return outputs
+
+    def lower_text(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        x, lengths, outputs = self.text.embed(tokens), self.text.key_lengths(tokens), []
+        for i, block in enumerate(self.text.blocks):
+            x = block(x, key_lengths=lengths)
+            if i >= len(self.text.blocks) - self.num_fused:
+                outputs.append(x)
+        return outputs
+
+    def upper(self, image_states, text_states, text_lengths, *, fuse, image_index=None, text_index=None):
+        if not fuse:
+            return self.visual.norm_post(image_states[-1]), self.text.norm_final(text_states[-1])
+        # Layer 0's bridges run once per image / text; the pairs read their K/V through context_index.
+        image_in = self.image_cross.bridge(0, image_states[0], None)
+        text_in = self.text_cross.bridge(0, text_states[0], None)
+        image_context, text_context, text_context_lengths = image_in, text_in, text_lengths
+        if image_index is not None:
+            image_in, image_states = image_in[image_index], [h[image_index] for h in image_states]
+        if text_index is not None:
+            text_in, text_lengths = text_in[text_index], text_lengths[text_index]
+            text_states = [h[text_index] for h in text_states]
+        for layer, (image_block, text_block) in enumerate(zip(self.image_cross.blocks, self.text_cross.blocks)):
+            if layer > 0:
+                image_in = self.image_cross.bridge(layer, image_states[layer], image_out)
+                text_in = self.text_cross.bridge(layer, text_states[layer], text_out)
+                image_context, text_context, text_context_lengths = image_in, text_in, text_lengths
+                image_index = text_index = None
+            image_out = image_block(image_in, context=text_context, context_lengths=text_context_lengths,
+                                    context_index=text_index)
+            text_out = text_block(text_in, key_lengths=text_lengths, context=image_context, context_index=image_index)
+        return self.image_cross.norm(image_out), self.text_cross.norm(text_out)

@@ -85,6 +85,12 @@ class ChunkedContrastive(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, cols, labels, scale, bias, kind: str, chunk_size: int):
+        # The logits are accumulated in fp32 (or fp64) whatever autocast says: no bf16 matmul here.
+        with torch.autocast(rows.device.type, enabled=False):
+            return ChunkedContrastive._forward(ctx, rows, cols, labels, scale, bias, kind, chunk_size)
+
+    @staticmethod
+    def _forward(ctx, rows, cols, labels, scale, bias, kind, chunk_size):
         acc = _accumulation_dtype(rows)
         total = rows.new_zeros((), dtype=acc)
         lse = rows.new_empty(rows.shape[0], dtype=acc)
@@ -104,6 +110,11 @@ class ChunkedContrastive(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        with torch.autocast(grad_loss.device.type, enabled=False):
+            return ChunkedContrastive._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         rows, cols, labels, scale, bias, lse = ctx.saved_tensors
         acc = _accumulation_dtype(rows)
         g = grad_loss.to(acc) / rows.shape[0]

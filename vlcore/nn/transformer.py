@@ -56,12 +56,13 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """One pre-LN transformer block: ``x + Attn(LN(x))`` then ``x + MLP(LN(x))``.
 
-    ``context_dim`` (not None) adds FIBER's gated cross-attention reading another tower's tokens.
+    ``context_dim`` (not None) adds a cross-attention reading another tower's tokens: FIBER's, gated by a
+    scalar initialised to 0 (``gated=True``), or BridgeTower's plain one (``gated=False``).
     """
 
     def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0, num_kv_heads: Optional[int] = None,
                  causal: bool = False, act: str = "gelu", norm_eps: float = 1e-5, qkv_bias: bool = True,
-                 context_dim: Optional[int] = None, impl: Impl = "torch"):
+                 context_dim: Optional[int] = None, gated: bool = True, impl: Impl = "torch"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = SelfAttention(dim, num_heads, num_kv_heads=num_kv_heads, causal=causal, qkv_bias=qkv_bias, impl=impl)
@@ -71,7 +72,7 @@ class Block(nn.Module):
         if context_dim is not None:
             self.cross_norm = nn.LayerNorm(dim, eps=norm_eps)
             self.context_norm = nn.LayerNorm(context_dim, eps=norm_eps)
-            self.cross = CrossAttention(dim, context_dim, num_heads, num_kv_heads=num_kv_heads, gated=True,
+            self.cross = CrossAttention(dim, context_dim, num_heads, num_kv_heads=num_kv_heads, gated=gated,
                                         qkv_bias=qkv_bias, impl=impl)
 
     def forward(self, x: torch.Tensor, *, key_lengths: Optional[torch.Tensor] = None,
