@@ -124,12 +124,16 @@ def test_chunked_loss_never_materialises_the_full_logits():
 
 
 WORLD = 2
+# (loss, options, DDP-averaged feature gradient / single-process one); scale and bias always match exactly
 CASES = [
-    ("clip", dict(local_loss=True, gather_with_grad=True)),
-    ("clip", dict(local_loss=False, gather_with_grad=True)),
-    ("clip", dict(local_loss=True, gather_with_grad=True, chunk_size=3)),
-    ("siglip", dict()),
-    ("siglip", dict(chunk_size=2)),
+    ("clip", dict(local_loss=True, gather_with_grad=True), 1.0),
+    ("clip", dict(local_loss=False, gather_with_grad=True), 1.0),
+    ("clip", dict(local_loss=True, gather_with_grad=True, chunk_size=3), 1.0),
+    # open_clip's default: the gather carries no gradient, each rank's full loss only reaches its own
+    # features, so their averaged gradient is 1/world_size of the single-process one (use gather_with_grad).
+    ("clip", dict(local_loss=False, gather_with_grad=False), 1.0 / WORLD),
+    ("siglip", dict(), 1.0),
+    ("siglip", dict(chunk_size=2), 1.0),
 ]
 
 
@@ -145,7 +149,7 @@ def _worker(rank, port, batch, results):
         images, texts = _features(WORLD * batch, dtype=torch.float64)
         local = slice(rank * batch, (rank + 1) * batch)
         out = []
-        for kind, kwargs in CASES:
+        for kind, kwargs, _ in CASES:
             scale = torch.tensor(9.0, dtype=torch.float64, requires_grad=True)
             bias = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
             img = images[local].clone().requires_grad_(True)
@@ -173,7 +177,7 @@ def test_distributed_losses_equal_single_process_loss_and_gradients():
     results = manager.dict()
     mp.spawn(_worker, args=(_free_port(), batch, results), nprocs=WORLD, join=True)
     images, texts = _features(WORLD * batch, dtype=torch.float64)
-    for case, (kind, kwargs) in enumerate(CASES):
+    for case, (kind, kwargs, grad_factor) in enumerate(CASES):
         single_kwargs = {k: v for k, v in kwargs.items() if k == "chunk_size"}
         loss, grads = _grads(_make_loss(kind, single_kwargs, 0, 1), images, texts,
                              torch.tensor(9.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64))
@@ -181,5 +185,5 @@ def test_distributed_losses_equal_single_process_loss_and_gradients():
             shared, image_grad, text_grad = results[rank][case]
             local = slice(rank * batch, (rank + 1) * batch)
             torch.testing.assert_close(shared, torch.stack([loss, grads[2], grads[3]]), msg=f"{kind} {kwargs}")
-            torch.testing.assert_close(image_grad, grads[0][local], msg=f"{kind} {kwargs}")
-            torch.testing.assert_close(text_grad, grads[1][local], msg=f"{kind} {kwargs}")
+            torch.testing.assert_close(image_grad, grad_factor * grads[0][local], msg=f"{kind} {kwargs}")
+            torch.testing.assert_close(text_grad, grad_factor * grads[1][local], msg=f"{kind} {kwargs}")
