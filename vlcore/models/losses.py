@@ -8,9 +8,9 @@ exp'd, ``logit_bias`` is optional. With ``world_size > 1`` every rank passes its
   gradients to every rank's features. With DDP's gradient averaging, the update then equals the
   single-process update on the concatenated batch, for ``local_loss`` both True and False.
 - ``gather_with_grad=False`` (open_clip's default) gathers without gradient: each rank's loss reaches only
-  its own features, and (``local_loss=False``) the averaged feature gradient is ``1 / world_size`` of the single-process one
-  (tested); with ``local_loss=True`` as well, no gradient flows through the columns (features used as
-  negatives) at all.
+  its own features. With ``local_loss=False`` the averaged feature gradient is then ``1 / world_size`` of
+  the single-process one (tested); with ``local_loss=True`` no gradient flows through the columns
+  (features used as negatives) at all.
 - ``local_loss=True`` computes only the local rows ``[B_local, B_global]`` (labels offset by
   ``rank * B_local``); the mean over ranks of the losses is the single-process loss.
 - SigLIP always uses the local-rows form: ``-sum(logsigmoid(y * logits)) / B_local`` over
