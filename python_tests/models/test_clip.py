@@ -78,12 +78,30 @@ def test_siglip_preset_has_bias():
     (dict(vision_cfg={"tome_r": 9}), "ToMe r = 9 at layer 0 must be in \\[0, 8\\]"),
     (dict(vision_cfg={"tome_r": [2, 8]}), "ToMe r = 8 at layer 1 must be in \\[0, 7\\]"),
     (dict(vision_cfg={"act": "relu6"}), "act must be one of"),
+    (dict(vision_cfg={"pos_embed": "rope"}), "pos_embed must be one of"),
     (dict(impl="triton"), "impl must be one of"),
     (dict(vision_cfg={"no_such_field": 1}), "unknown keys \\['no_such_field'\\]"),
 ])
 def test_bad_configs_raise_at_construction(overrides, message):
     with pytest.raises(ValueError, match=message):
         create_model("clip-tiny", **overrides)
+
+
+def test_sincos_2d_positions_encode_row_and_column():
+    model = create_model("clip-tiny", vision_cfg={"pos_embed": "sincos2d"})
+    vision = model.visual
+    grid, width = vision.cfg.grid_size, vision.cfg.width
+    assert "visual.positional_embedding" not in dict(model.named_parameters())
+    positions = vision.positional_embedding
+    assert positions.shape == (grid * grid + 1, width) and torch.equal(positions[0], torch.zeros(width))
+    # independent statement of the encoding: patch (i, j) -> [sin(i w), cos(i w), sin(j w), cos(j w)]
+    quarter = width // 4
+    w = 10000.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
+    for i, j in [(0, 0), (0, grid - 1), (grid - 1, 1), (2, 3)]:
+        expected = torch.cat([(i * w).sin(), (i * w).cos(), (j * w).sin(), (j * w).cos()]).float()
+        torch.testing.assert_close(positions[1 + i * grid + j], expected)
+    images = torch.randn(2, 3, model.image_size, model.image_size)
+    assert model.encode_image(images).shape == (2, model.config.embed_dim)
 
 
 def test_unknown_model_name_raises():

@@ -37,6 +37,7 @@ class VisionConfig:
     norm_eps: float = 1e-5
     pool: str = "tok"  # "tok": class token, "avg": size-weighted mean of the patch tokens
     class_token: bool = True
+    pos_embed: str = "learned"  # "learned" (open_clip) or "sincos2d" (fixed 2D sin-cos of the patch's row and column)
     tome_r: TomeR = 0  # ToMe tokens merged per layer: int, per-layer list, or (r, inflect); see parse_r
     # preprocessing for the trainer: normalise RGB in [0, 1] with these (OpenAI CLIP's, open_clip's default)
     image_mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
@@ -51,6 +52,9 @@ class VisionConfig:
             raise ValueError(f"{where}: patch_size ({self.patch_size}) must divide image_size ({self.image_size})")
         _check_choice(where, "act", self.act, ACTIVATIONS)
         _check_choice(where, "pool", self.pool, ("tok", "avg"))
+        _check_choice(where, "pos_embed", self.pos_embed, ("learned", "sincos2d"))
+        if self.pos_embed == "sincos2d" and self.width % 4:
+            raise ValueError(f"{where}: pos_embed='sincos2d' needs a width divisible by 4, got {self.width}")
         if self.pool == "tok" and not self.class_token:
             raise ValueError(f"{where}: pool='tok' needs class_token=True")
         if isinstance(self.tome_r, list) and len(self.tome_r) > self.layers:

@@ -29,7 +29,11 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         scale = width ** -0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width)) if cfg.class_token else None
-        self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.num_tokens, width))
+        if cfg.pos_embed == "learned":
+            self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.num_tokens, width))
+        else:  # a buffer, not a parameter: nothing to learn, and nothing for the optimizer to decay
+            self.register_buffer("positional_embedding", sincos_2d_positions(cfg.grid_size, width, cfg.class_token),
+                                 persistent=False)
         self.norm_pre = nn.LayerNorm(width, eps=cfg.norm_eps)
         first_fused = cfg.layers - fusion_layers
         self.blocks = nn.ModuleList([
@@ -74,3 +78,22 @@ class VisionTransformer(nn.Module):
         """Pooled, projected (not normalised) image features ``[B, embed_dim]``."""
         tokens, size = self.forward_tokens(images)
         return self.project(self.pool(tokens, size))
+
+
+def sincos_2d_positions(grid_size: int, width: int, class_token: bool) -> torch.Tensor:
+    """Fixed 2D positions ``[N, width]`` (MAE / ViT-22B style): the first half of the channels encodes the
+    patch's row, the second half its column, each as ``[sin(p w_k), cos(p w_k)]`` with
+    ``w_k = 10000^(-k / (width/4))``; a class token, if any, gets zeros and comes first."""
+    quarter = width // 4
+    freqs = 10000.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # row-major, as patch_embed flattens
+
+    def encode(p: torch.Tensor) -> torch.Tensor:
+        angles = p.reshape(-1, 1) * freqs
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    positions = torch.cat([encode(rows), encode(cols)], dim=1)
+    if class_token:
+        positions = torch.cat([positions.new_zeros(1, width), positions])
+    return positions.float()
