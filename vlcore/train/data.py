@@ -270,7 +270,8 @@ class StreamSpec:
     transform: ImageTransform
     collate: Callable  # (images [B,3,S,S], caption lists, rng) -> batch dict
     tar_reader: Optional[TarReader] = None
-    train: bool = True  # training: shuffled epochs, one random caption per image
+    train: bool = True  # training: random crops, one random caption per image
+    shuffle: bool = True  # per-epoch shuffled order (else file / index order)
 
 
 class BatchStream(IterableDataset):
@@ -308,7 +309,7 @@ class BatchStream(IterableDataset):
             epoch, b = divmod(j, per_epoch)
             if epoch != order_epoch:
                 order_epoch = epoch
-                order = np.random.default_rng([spec.seed, 7, epoch]).permutation(n)
+                order = np.random.default_rng([spec.seed, 7, epoch]).permutation(n) if spec.shuffle else np.arange(n)
             start = b * global_batch + spec.rank * spec.local_batch
             images, captions = [], []
             for slot in range(spec.local_batch):
@@ -347,13 +348,15 @@ class BatchStream(IterableDataset):
         failures = {"since_success": 0, "any_success": False}
         images, captions, produced = [], [], state.get("produced", 0)
         while True:
-            shard_order = np.random.default_rng([spec.seed, 17, epoch, spec.rank, worker]).permutation(len(shards))
+            shard_order = (np.random.default_rng([spec.seed, 17, epoch, spec.rank, worker]).permutation(len(shards))
+                           if spec.shuffle else np.arange(len(shards)))
             while shard_pos < len(shards):
                 path = shards[int(shard_order[shard_pos])]
                 samples, complete = index_tar(path)
                 if not complete and sample_pos == 0:
                     state["skipped"] += 1  # the truncated tail of the tar counts as one corrupt sample
-                sample_order = np.random.default_rng([spec.seed, 19, epoch, int(shard_order[shard_pos])]).permutation(len(samples))
+                sample_order = (np.random.default_rng([spec.seed, 19, epoch, int(shard_order[shard_pos])]).permutation(len(samples))
+                                if spec.shuffle else np.arange(len(samples)))
                 with open(path, "rb") as handle:
                     while sample_pos < len(samples):
                         sample = samples[int(sample_order[sample_pos])]

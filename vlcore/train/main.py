@@ -112,7 +112,7 @@ def build_stream_spec(cfg: TrainConfig, model_cfg, rank: int, world_size: int, l
             raise FileNotFoundError(f"train_data: {len(missing)} shards do not exist, e.g. {missing[0]}")
         kind, tar_reader = "tar", D.TarReader(cfg.wds_image_keys.split(";"), cfg.wds_caption_key, cfg.json_caption_field)
     return D.StreamSpec(kind, source, local_batch, rank, world_size, cfg.seed, transform, make_collate(model_cfg, True),
-                        tar_reader=tar_reader, train=True)
+                        tar_reader=tar_reader, train=True, shuffle=cfg.shuffle)
 
 
 def build_eval_set(cfg: TrainConfig, model_cfg):

@@ -48,6 +48,7 @@ class TrainConfig:
     synthetic_size: int = 200_000  # samples per epoch of the embedded dataset (generated on the fly)
     synthetic_eval_size: int = 500  # held-out images (every one shows an attribute combination unseen in training)
     workers: int = 2  # dataloader worker processes per rank (decoding, augmentation); 0 = in the main process
+    shuffle: bool = True  # shuffle samples (and shards) per epoch, deterministically from seed and epoch
     random_crop: bool = True  # random resized crop (scale 0.9-1) for training images; evaluation centre-crops
     # --- optimisation ------------------------------------------------------------------------------------
     batch_size: int = 128  # global batch per optimizer step (all ranks, all accumulation steps together)
