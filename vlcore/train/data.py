@@ -201,12 +201,11 @@ def index_tar(path: str) -> tuple[list[TarSample], bool]:
                     current = TarSample(key, {})
                     samples.append(current)
                 current.members[ext.lower()] = info
-            # a member whose data runs past the end of the file is listed but cannot be read
-            end = os.path.getsize(path)
-            if samples and any(i.offset_data + i.size > end for i in samples[-1].members.values()):
-                complete = False
     except (tarfile.ReadError, EOFError, OSError):
+        # The damage may have cut the last indexed sample (a member's data or a whole member): drop it. The
+        # caller counts the truncated tar as one skipped sample.
         complete = False
+        samples = samples[:-1]
     return samples, complete
 
 
@@ -314,7 +313,8 @@ class BatchStream(IterableDataset):
             images, captions = [], []
             for slot in range(spec.local_batch):
                 index = int(order[start + slot])
-                rng = np.random.default_rng([spec.seed, 11, j, spec.rank, slot])
+                # seeded by the sample's place in the *global* batch: any world size sees the same crops
+                rng = np.random.default_rng([spec.seed, 11, j, spec.rank * spec.local_batch + slot])
                 # A corrupt sample is replaced by the next index (wrapping): batches keep their size, which
                 # the distributed contrastive loss needs (all ranks gather equal shapes).
                 for attempt in range(n):
@@ -326,13 +326,18 @@ class BatchStream(IterableDataset):
                     except CorruptSample as e:
                         state["skipped"] += 1
                         self._check_schema(failures, e)
-                captions.append(caps)
+                captions.append(self._pick_caption(caps, rng))
             batch = spec.collate(torch.stack(images), captions, np.random.default_rng([spec.seed, 13, j, spec.rank]))
             yield batch, {"worker": worker, "batch": j, "skipped": state["skipped"]}
+
+    def _pick_caption(self, captions: list, rng: np.random.Generator) -> list:
+        """Training uses one caption per image, drawn with the sample's own generator."""
+        return [captions[int(rng.integers(len(captions)))]] if self.spec.train else captions
 
     @staticmethod
     def _check_schema(failures: dict, error: Exception) -> None:
         failures["since_success"] += 1
+        failures["last_error"] = error
         if not failures["any_success"] and failures["since_success"] >= SCHEMA_FAILURES:
             raise DataSchemaError(f"the first {SCHEMA_FAILURES} samples all failed, so the data does not match the "
                                   f"configuration; the last error: {error}")
@@ -365,7 +370,7 @@ class BatchStream(IterableDataset):
                         try:
                             image, caps = spec.tar_reader.load(handle, sample)
                             images.append(spec.transform(image, rng if spec.train else None))
-                            captions.append(caps)
+                            captions.append(self._pick_caption(caps, rng))
                             failures["since_success"], failures["any_success"] = 0, True
                         except CorruptSample as e:
                             state["skipped"] += 1
@@ -380,7 +385,8 @@ class BatchStream(IterableDataset):
                             images, captions = [], []
                 shard_pos, sample_pos = shard_pos + 1, 0
             if not failures["any_success"] and failures["since_success"] > 0:
-                raise DataSchemaError(f"no sample of {shards} could be read; the last failures were schema errors")
+                raise DataSchemaError(f"no sample of {shards} could be read, so the data does not match the "
+                                      f"configuration; the last error: {failures.get('last_error')}")
             # Partial batches are carried over into the next epoch: no sample is dropped, batches stay full.
             epoch, shard_pos = epoch + 1, 0
 
