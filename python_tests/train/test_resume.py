@@ -66,6 +66,21 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path, data, shards):
         assert resumed[step] == reference[step], f"step {step} (resumed after step {killed_at})"
 
 
+def test_ctrl_c_finishes_the_step_and_saves(tmp_path):
+    run = _run(tmp_path, ["--steps", "100000", "--checkpoint-every", "4"])
+    deadline = time.time() + 120
+    while ckpt.latest_checkpoint(tmp_path / "checkpoints") is None:
+        assert run.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err.decode()[-2000:]
+    latest = ckpt.latest_checkpoint(tmp_path / "checkpoints")
+    steps = read_metrics(tmp_path)
+    assert int(latest.name.split("_")[1]) == max(steps)  # saved at the step it stopped after
+    assert ckpt.load_checkpoint(latest)["step"] == max(steps)
+
+
 def test_checkpoint_write_is_atomic_and_keeps_the_last_k(tmp_path, monkeypatch):
     model = torch.nn.Linear(3, 2)
     directory = tmp_path / "checkpoints"

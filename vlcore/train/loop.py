@@ -88,7 +88,7 @@ def train(cfg, *, model, train_model, model_cfg, optimizer, scheduler, contrasti
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    step, last_eval, checkpoint_path = start_step, {}, None
+    step, last_eval, checkpoint_path, interrupted = start_step, {}, resumed_from, False
     padding_avoided, padding_batches = 0.0, 0
     interval_start, data_wait, interval_steps = time.perf_counter(), 0.0, 0
     run_start, run_steps = time.perf_counter(), 0
@@ -192,6 +192,7 @@ def train(cfg, *, model, train_model, model_cfg, optimizer, scheduler, contrasti
                 save(step)
             if stopping:
                 logger.print(f"interrupted: stopped at step {step}, checkpoint saved; run again to resume")
+                interrupted = True
                 break
     finally:
         stop.restore()
@@ -200,13 +201,15 @@ def train(cfg, *, model, train_model, model_cfg, optimizer, scheduler, contrasti
     total_time = time.perf_counter() - run_start
     if step == cfg.steps and not cfg.synthetic_benchmark:
         run_eval(step)
-    summary = {"steps": step, "samples_per_s": run_steps * cfg.batch_size / max(total_time, 1e-9),
+    summary = {"steps": step, "interrupted": interrupted, "samples_per_s": run_steps * cfg.batch_size / max(total_time, 1e-9),
                "train_time_s": total_time}
     if device.type == "cuda":
         summary["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     else:
         summary["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     summary.update({k: v for k, v in last_eval.items()})
+    if last_eval.get("i2t_chance_R@1"):
+        summary["i2t_R@1_vs_chance"] = last_eval["i2t_R@1"] / last_eval["i2t_chance_R@1"]
     summary["skipped_samples"] = position.skipped
     if padding_batches:
         summary["packing_padding_ratio"] = 0.0

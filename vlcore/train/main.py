@@ -238,7 +238,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 def cli() -> None:
     """Console entry point: config errors print one line instead of a traceback."""
     try:
-        main()
+        summary = main()
     except (ConfigError, D.DataSchemaError) as e:
         print(f"vlcore-train: error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    if summary.get("interrupted"):
+        raise SystemExit(130)  # the shell's code for "stopped by Ctrl-C"
