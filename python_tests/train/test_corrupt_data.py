@@ -4,7 +4,7 @@ import csv
 
 import pytest
 
-from vlcore.train.data import DataSchemaError, expand_braces, index_tar
+from vlcore.train.data import DataSchemaError, expand_braces, index_tar, worker_shards
 from vlcore.train.main import main
 
 from .helpers import TINY, clean_samples, png_bytes, write_shard
@@ -26,6 +26,12 @@ def _shards(root):
            ("bad1", png_bytes(2), "json", b'{"caption": "no closing brace"')]
     write_shard(root / "part-1.tar", bad + clean_samples(12, start=100, caption_ext="json"))
     return str(root / "part-{0..1}.tar")
+
+
+def test_each_rank_and_worker_reads_distinct_shards():
+    shards = expand_braces("s-{000..010}.tar")
+    parts = [worker_shards(shards, rank, 2, worker, 3) for rank in range(2) for worker in range(3)]
+    assert all(parts) and sorted(sum(parts, [])) == shards  # a partition: every shard exactly once
 
 
 def test_expand_braces_and_truncated_tar_index(tmp_path):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from vlcore.train.main import main
 
@@ -18,9 +19,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_equals_single_process(tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_process_run_equals_single_process(tmp_path, sharding):
     steps = 4
-    argv = TINY + ["--steps", str(steps), "--batch-size", "8"]
+    argv = TINY + ["--steps", str(steps), "--batch-size", "8", "--fsdp", str(sharding == "fsdp")]
     main(argv + ["--out-dir", str(tmp_path / "single")])
     single = read_metrics(tmp_path / "single")
 
@@ -29,10 +31,18 @@ def test_two_process_ddp_equals_single_process(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "world size 2, global batch 8 = 2 ranks x 1 micro-batches x 4" in result.stdout + result.stderr
+    mode = "FSDP2" if sharding == "fsdp" else "DDP"
+    assert f"world size 2 ({mode}), global batch 8 = 2 ranks x 1 micro-batches x 4" in result.stdout + result.stderr
     ddp = read_metrics(tmp_path / "ddp")
     assert sorted(ddp) == sorted(single) == list(range(1, steps + 1))
     for step in single:  # the same samples, split over 2 ranks; the loss gathers features across them
         assert ddp[step] == pytest.approx(single[step], rel=1e-4, abs=1e-5), step
-    # Only rank 0 writes: one checkpoint, one metrics file.
+    # Only rank 0 writes: one checkpoint, one metrics file; the weights match the single-process run's.
     assert len(list((tmp_path / "ddp" / "checkpoints").iterdir())) == 1
+    from safetensors.torch import load_file
+
+    final = "checkpoints/step_00000004/model.safetensors"
+    single_weights, ddp_weights = load_file(tmp_path / "single" / final), load_file(tmp_path / "ddp" / final)
+    assert single_weights.keys() == ddp_weights.keys()
+    for name, value in single_weights.items():
+        torch.testing.assert_close(ddp_weights[name], value, rtol=1e-4, atol=1e-5, msg=name)

@@ -69,16 +69,21 @@ def latest_checkpoint(directory: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def save_checkpoint(directory: Path, step: int, model: nn.Module, state: dict, keep: int) -> Path:
-    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep``."""
-    from safetensors.torch import save_model
+def save_checkpoint(directory: Path, step: int, model: nn.Module, state: dict, keep: int,
+                    model_state: Optional[dict] = None) -> Path:
+    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep``. ``model_state`` (a full
+    state dict gathered from FSDP shards) replaces ``model``'s own."""
+    from safetensors.torch import save_file, save_model
 
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{step:08d}"
     tmp = directory / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(unwrap(model), str(tmp / "model.safetensors"))  # handles tied weights (shared storage)
+    if model_state is not None:
+        save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+    else:
+        save_model(unwrap(model), str(tmp / "model.safetensors"))  # handles tied weights (shared storage)
     torch.save(state, tmp / "state.pt")
     for f in tmp.iterdir():
         _fsync(f)

@@ -273,6 +273,11 @@ class StreamSpec:
     shuffle: bool = True  # per-epoch shuffled order (else file / index order)
 
 
+def worker_shards(shards: list[str], rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
+    """The shards one dataloader worker of one rank reads: disjoint across all ranks and workers."""
+    return shards[rank::world_size][worker::num_workers]
+
+
 class BatchStream(IterableDataset):
     """Infinite stream of ``(batch, position)``; see the module docstring for the split of the work."""
 
@@ -345,7 +350,7 @@ class BatchStream(IterableDataset):
     # -- WebDataset tars: this worker's shards, forever --------------------------------------------------
     def _tar_batches(self, worker: int, state: dict):
         spec = self.spec
-        shards = spec.source[spec.rank :: spec.world_size][worker :: self.num_workers]
+        shards = worker_shards(spec.source, spec.rank, spec.world_size, worker, self.num_workers)
         if not shards:
             raise ValueError(f"rank {spec.rank} worker {worker} has no shard: {len(spec.source)} shards for "
                              f"{spec.world_size} ranks x {self.num_workers} workers; use fewer workers or more shards")

@@ -63,7 +63,7 @@ def all_mean(value: torch.Tensor, world_size: int) -> float:
 
 
 def train(cfg, *, model, train_model, model_cfg, optimizer, scheduler, contrastive_loss, spec, eval_set, device,
-          rank, world_size, local_batch, start_step, data_state, resumed_from) -> dict:
+          rank, world_size, local_batch, start_step, data_state, resumed_from, fsdp=False) -> dict:
     is_main = rank == 0
     out_dir = Path(cfg.out_dir)
     logger = RunLogger(out_dir, cfg, is_main, start_step)
@@ -73,7 +73,7 @@ def train(cfg, *, model, train_model, model_cfg, optimizer, scheduler, contrasti
         logger.print("config: " + "\n        ".join(textwrap.wrap(fields, 110)))
         params = sum(p.numel() for p in model.parameters())
         logger.print(f"model {cfg.model} ({model_cfg.kind}, {params / 1e6:.2f} M parameters) on {device}, "
-                     f"world size {world_size}, global batch {cfg.batch_size} = {world_size} ranks x "
+                     f"world size {world_size} ({'FSDP2' if fsdp else 'DDP' if world_size > 1 else 'one process'}), global batch {cfg.batch_size} = {world_size} ranks x "
                      f"{cfg.grad_accum} micro-batches x {local_batch}")
         if resumed_from is not None:
             logger.print(f"resumed from {resumed_from} at step {start_step}")
@@ -97,23 +97,30 @@ def train(cfg, *, model, train_model, model_cfg, optimizer, scheduler, contrasti
         nonlocal checkpoint_path
         # Every rank's RNG state and data position travel to rank 0, which alone writes.
         ranks_rng, ranks_data = [rng_state()], [position.state_dict()]
+        model_state, optimizer_state = None, None
+        if fsdp:  # gather the shards (every rank takes part; rank 0 receives)
+            from vlcore.train.fsdp import full_state_dicts
+            model_state, optimizer_state = full_state_dicts(model, optimizer)
         if world_size > 1:
             gathered_rng, gathered_data = [None] * world_size, [None] * world_size
             dist.all_gather_object(gathered_rng, ranks_rng[0])
             dist.all_gather_object(gathered_data, ranks_data[0])
             ranks_rng, ranks_data = gathered_rng, gathered_data
         if is_main:
-            state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "rng": ranks_rng, "data": ranks_data, "world_size": world_size, "config": cfg.to_dict()}
-            checkpoint_path = save_checkpoint(out_dir / "checkpoints", step, model, state, cfg.keep_checkpoints)
+            state = {"step": step, "optimizer": optimizer_state if fsdp else optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "rng": ranks_rng, "data": ranks_data,
+                     "world_size": world_size, "fsdp": fsdp, "config": cfg.to_dict()}
+            checkpoint_path = save_checkpoint(out_dir / "checkpoints", step, model, state, cfg.keep_checkpoints,
+                                              model_state=model_state)
             logger.print(f"step {step}: checkpoint {checkpoint_path}")
         if world_size > 1:
             dist.barrier()
 
     def run_eval(step: int) -> None:
         nonlocal last_eval
-        if is_main and eval_set is not None:
+        if eval_set is not None and (is_main or fsdp):
             last_eval = evaluate(model, model_cfg, eval_set, device, autocast)
+        if is_main and eval_set is not None:
             logger.log({"step": step, **last_eval})
             shown = {k: v for k, v in last_eval.items() if k.endswith(("R@1", "R@5", "R@10", "_loss"))}
             logger.print(f"step {step}: eval " + " ".join(f"{k} {v:.4f}" for k, v in shown.items()))
@@ -135,15 +142,19 @@ def train(cfg, *, model, train_model, model_cfg, optimizer, scheduler, contrasti
                 batch = to_device(batch, device)
                 # DDP all-reduces gradients in backward; skip that on all but the last micro-batch.
                 last = micro == cfg.grad_accum - 1
-                sync = nullcontext() if last or world_size == 1 else train_model.no_sync()
+                sync = nullcontext() if last or world_size == 1 or fsdp else train_model.no_sync()
                 with sync:
                     with autocast():
                         loss = compute_loss(train_model, kind, batch, contrastive_loss)
                     (loss / cfg.grad_accum).backward()  # each backward adds to .grad: average the micro-batches
                 loss_sum += loss.detach()
+            if fsdp:
+                from vlcore.train.fsdp import all_reduce_replicated_grads
+                all_reduce_replicated_grads(model, world_size)
             grad_norm = None
             if cfg.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

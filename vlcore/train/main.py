@@ -200,10 +200,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         contrastive_loss = loss_cls(rank=rank, world_size=world_size)
         if model_cfg.kind == "fusion":
             model.itc_loss = contrastive_loss  # FIBER's ITC gathers across ranks like CLIP's loss
-        optimizer = make_optimizer(model, cfg)
-        scheduler = make_scheduler(optimizer, cfg)
 
-        start_step, data_state, resumed_from = 0, None, None
+        # Weights first (into the plain model, on every rank), then sharding, then the optimizer over the
+        # (possibly sharded) parameters, then its state.
+        start_step, data_state, resumed_from, state = 0, None, None, None
         checkpoint = find_resume(cfg)
         if checkpoint is not None:
             state = load_checkpoint(checkpoint, model)
@@ -212,24 +212,39 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                    f"has {world_size}. Exact resume needs the same world size (the data order and "
                                    f"per-rank batches depend on it): relaunch with --nproc-per-node matching, or pass "
                                    f"--resume none with a new --out-dir to start over")
-            optimizer.load_state_dict(state["optimizer"])
+        use_fsdp = cfg.fsdp and world_size > 1
+        if use_fsdp:
+            from vlcore.train.fsdp import load_optimizer_state, shard_model
+            shard_model(model)
+        optimizer = make_optimizer(model, cfg)
+        scheduler = make_scheduler(optimizer, cfg)
+        if state is not None:
+            if state.get("fsdp", False) != use_fsdp:
+                raise RuntimeError(f"{checkpoint}: its optimizer state was saved {'with' if state.get('fsdp') else 'without'} "
+                                   f"FSDP; resume with the same --fsdp setting")
+            if use_fsdp:
+                load_optimizer_state(model, optimizer, state["optimizer"])
+            else:
+                optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
             start_step, data_state, resumed_from = state["step"], state["data"][rank], checkpoint
 
         train_model = model
-        if world_size > 1:
+        if world_size > 1 and not use_fsdp:
             train_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         if cfg.compile:
             train_model = torch.compile(train_model)
 
         spec = build_stream_spec(cfg, model_cfg, rank, world_size, local_batch) if not cfg.synthetic_benchmark else None
-        eval_set = build_eval_set(cfg, model_cfg) if rank == 0 and not cfg.synthetic_benchmark else None
+        # Evaluation runs on rank 0 alone; under FSDP every rank must take part in the forward passes.
+        evaluating = (rank == 0 or use_fsdp) and not cfg.synthetic_benchmark
+        eval_set = build_eval_set(cfg, model_cfg) if evaluating else None
         return train(cfg, model=model, train_model=train_model, model_cfg=model_cfg, optimizer=optimizer,
                      scheduler=scheduler, contrastive_loss=contrastive_loss, spec=spec, eval_set=eval_set,
                      device=device, rank=rank, world_size=world_size, local_batch=local_batch,
-                     start_step=start_step, data_state=data_state, resumed_from=resumed_from)
+                     start_step=start_step, data_state=data_state, resumed_from=resumed_from, fsdp=use_fsdp)
     finally:
         if world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -77,6 +77,7 @@ class TrainConfig:
     device: str = "auto"  # "auto": cuda when available, else cpu
     cpu_threads: int = 0  # torch.set_num_threads when training on CPU (0: torch's default, one per core)
     ddp_backend: str = "auto"  # "auto": nccl on CUDA, gloo on CPU
+    fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per transformer block and tower) instead of DDP
     synthetic_benchmark: bool = False  # throughput only: random tensors instead of data, no eval or checkpoints
 
     def check(self) -> None:
