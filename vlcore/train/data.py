@@ -34,6 +34,7 @@ import os
 import re
 import tarfile
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -434,32 +435,38 @@ class DataPosition:
 # Evaluation sets: every image once, with all its captions
 
 
-def load_eval_set(source, transform: ImageTransform, limit: Optional[int] = None) -> tuple[torch.Tensor, list[list[str]], int]:
-    """``(images [N, 3, S, S], captions per image, skipped)`` of a map-style source or a list of tar shards."""
-    images, captions, skipped = [], [], 0
-    if isinstance(source, list):  # tar shards
-        reader = source[0]
-        for path in source[1]:
+def _raise(error: Exception):
+    raise error
+
+
+def _eval_loaders(source) -> Iterator[Callable]:
+    """One zero-argument loader per sample (called before the next is drawn); a truncated tar adds one that
+    raises, so that it is counted like the training stream counts it."""
+    if isinstance(source, list):  # [TarReader, shard paths]
+        reader, paths = source
+        for path in paths:
             samples, complete = index_tar(path)
-            skipped += int(not complete)
+            if not complete:
+                yield partial(_raise, CorruptSample(f"{path}: truncated tar"))
             with open(path, "rb") as handle:
                 for sample in samples:
-                    try:
-                        image, caps = reader.load(handle, sample)
-                    except CorruptSample:
-                        skipped += 1
-                        continue
-                    images.append(transform(image))
-                    captions.append(caps)
+                    yield lambda: reader.load(handle, sample)
     else:
-        for index in range(len(source) if limit is None else min(limit, len(source))):
-            try:
-                image, caps = source.load(index, None)
-            except CorruptSample:
-                skipped += 1
-                continue
-            images.append(transform(image))
-            captions.append(caps)
+        for index in range(len(source)):
+            yield lambda: source.load(index, None)
+
+
+def load_eval_set(source, transform: ImageTransform) -> tuple[torch.Tensor, list[list[str]], int]:
+    """``(images [N, 3, S, S], captions per image, skipped)`` of a map-style source or ``[TarReader, shards]``."""
+    images, captions, skipped = [], [], 0
+    for load in _eval_loaders(source):
+        try:
+            image, caps = load()
+        except CorruptSample:
+            skipped += 1
+            continue
+        images.append(transform(image))
+        captions.append(caps)
     if not images:
         raise DataSchemaError("the evaluation data has no readable sample")
     return torch.stack(images), captions, skipped

@@ -141,6 +141,8 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(cfg.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     elif cfg.cpu_threads:
@@ -182,6 +184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(help_text())
         return {}
     cfg = load_config(argv)
+    threads = torch.get_num_threads()
     rank, world_size, device = setup_distributed(cfg)
     try:
         global_batch, micro = cfg.batch_size, world_size * cfg.grad_accum
@@ -246,6 +249,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                      device=device, rank=rank, world_size=world_size, local_batch=local_batch,
                      start_step=start_step, data_state=data_state, resumed_from=resumed_from, fsdp=use_fsdp)
     finally:
+        torch.set_num_threads(threads)  # main() may run inside a larger program (the tests)
         if world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
