@@ -19,11 +19,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp", "ddp+grad_cache"])
 def test_two_process_run_equals_single_process(tmp_path, sharding):
     steps = 4
-    argv = TINY + ["--steps", str(steps), "--batch-size", "8", "--fsdp", str(sharding == "fsdp")]
+    argv = TINY + ["--steps", str(steps), "--batch-size", "8", "--random-crop", "false"]
     main(argv + ["--out-dir", str(tmp_path / "single")])
+    # 2 ranks x 4 samples; with GradCache 2 ranks x 2 micro-batches x 2 samples, still the full batch's loss
+    argv += {"ddp": [], "fsdp": ["--fsdp"], "ddp+grad_cache": ["--grad-accum", "2", "--grad-cache"]}[sharding]
     single = read_metrics(tmp_path / "single")
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
@@ -32,7 +34,8 @@ def test_two_process_run_equals_single_process(tmp_path, sharding):
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     mode = "FSDP2" if sharding == "fsdp" else "DDP"
-    assert f"world size 2 ({mode}), global batch 8 = 2 ranks x 1 micro-batches x 4" in result.stdout + result.stderr
+    split = "2 micro-batches x 2" if "grad_cache" in sharding else "1 micro-batches x 4"
+    assert f"world size 2 ({mode}), global batch 8 = 2 ranks x {split}" in result.stdout + result.stderr
     ddp = read_metrics(tmp_path / "ddp")
     assert sorted(ddp) == sorted(single) == list(range(1, steps + 1))
     for step in single:  # the same samples, split over 2 ranks; the loss gathers features across them

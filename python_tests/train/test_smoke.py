@@ -8,7 +8,9 @@ import torch
 from vlcore.train.evaluate import eval_main
 from vlcore.train.main import main
 
-from .helpers import TINY
+from vlcore.train.params import ConfigError
+
+from .helpers import TINY, read_metrics
 
 
 def test_tiny_clip_trains_evaluates_checkpoints_and_reports(tmp_path):
@@ -64,3 +66,18 @@ def test_grad_checkpointing_gives_the_same_losses(tmp_path):
 def test_synthetic_benchmark_mode(tmp_path):
     summary = main(TINY + ["--steps", "2", "--synthetic-benchmark", "--out-dir", str(tmp_path)])
     assert summary["samples_per_s"] > 0 and "checkpoint" not in summary and "i2t_R@1" not in summary
+
+
+def test_grad_cache_accumulation_equals_the_full_batch(tmp_path):
+    """GradCache over 4 micro-batches gives the full batch's loss and update; plain accumulation does not
+    (each micro-batch contrasts only its own samples)."""
+    argv = TINY + ["--steps", "3", "--batch-size", "16", "--random-crop", "false"]
+    full = main(argv + ["--out-dir", str(tmp_path / "full")])
+    cached = main(argv + ["--grad-accum", "4", "--grad-cache", "--out-dir", str(tmp_path / "cached")])
+    plain = main(argv + ["--grad-accum", "4", "--out-dir", str(tmp_path / "plain")])
+    full_losses, cached_losses = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cached")
+    for step in full_losses:
+        assert cached_losses[step] == pytest.approx(full_losses[step], rel=1e-5), step
+    assert plain["final_loss"] != pytest.approx(full["final_loss"], rel=1e-3)
+    with pytest.raises(ConfigError, match="config field 'grad_cache'"):
+        main(argv + ["--model", "fiber-tiny", "--grad-cache", "--out-dir", str(tmp_path / "bad")])

@@ -319,8 +319,9 @@ class BatchStream(IterableDataset):
             images, captions = [], []
             for slot in range(spec.local_batch):
                 index = int(order[start + slot])
-                # seeded by the sample's place in the *global* batch: any world size sees the same crops
-                rng = np.random.default_rng([spec.seed, 11, j, spec.rank * spec.local_batch + slot])
+                # Seeded by the sample's place in the epoch's order: any world size and any number of
+                # accumulation steps draw the same crops and captions for it.
+                rng = np.random.default_rng([spec.seed, 11, epoch, start + slot])
                 # A corrupt sample is replaced by the next index (wrapping): batches keep their size, which
                 # the distributed contrastive loss needs (all ranks gather equal shapes).
                 for attempt in range(n):

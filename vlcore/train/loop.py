@@ -18,7 +18,9 @@ import torch.distributed as dist
 
 from vlcore.train.checkpoint import rng_state, save_checkpoint
 from vlcore.train.data import DataPosition, make_loader
+from vlcore.models.grad_cache import grad_cache_backward
 from vlcore.train.evaluate import evaluate
+from vlcore.train.fsdp import all_reduce_replicated_grads
 from vlcore.train.logs import RunLogger, plot_curves, report
 from vlcore.train.main import autocast_for
 from vlcore.train.tasks import batch_size_of, compute_loss, to_device
@@ -127,29 +129,44 @@ def train(cfg, *, model, train_model, model_cfg, optimizer, scheduler, contrasti
         if world_size > 1:
             dist.barrier()
 
+    def fetch() -> dict:
+        """The next micro-batch on the device; counts the time spent waiting for it."""
+        nonlocal data_wait, padding_avoided, padding_batches
+        fetch_start = time.perf_counter()
+        batch, batch_position = next(batches)  # the workers prepare the following batches meanwhile
+        data_wait += time.perf_counter() - fetch_start
+        if batch_position is not None:
+            position.update(batch_position)
+        if "padding_avoided" in batch:
+            padding_avoided, padding_batches = padding_avoided + batch.pop("padding_avoided"), padding_batches + 1
+        return to_device(batch, device)
+
     try:
         while step < cfg.steps:
             # ---- one optimizer step: grad_accum micro-batches, each forward + backward ----------------------
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                fetch_start = time.perf_counter()
-                batch, batch_position = next(batches)  # workers prepare the next batches meanwhile
-                data_wait += time.perf_counter() - fetch_start
-                if batch_position is not None:
-                    position.update(batch_position)
-                if "padding_avoided" in batch:
-                    padding_avoided, padding_batches = padding_avoided + batch.pop("padding_avoided"), padding_batches + 1
-                batch = to_device(batch, device)
-                # DDP all-reduces gradients in backward; skip that on all but the last micro-batch.
-                last = micro == cfg.grad_accum - 1
-                sync = nullcontext() if last or world_size == 1 or fsdp else train_model.no_sync()
-                with sync:
-                    with autocast():
-                        loss = compute_loss(train_model, kind, batch, contrastive_loss)
-                    (loss / cfg.grad_accum).backward()  # each backward adds to .grad: average the micro-batches
-                loss_sum += loss.detach()
+            if cfg.grad_cache:
+                # GradCache: the loss over all micro-batches together (every sample is a negative for every
+                # other), with one micro-batch's activations at a time (vlcore.models.grad_cache).
+                micro_batches = [fetch() for _ in range(cfg.grad_accum)]
+                images = torch.cat([b["images"] for b in micro_batches])
+                tokens = torch.cat([b["tokens"] for b in micro_batches])
+                with autocast():
+                    loss_sum = grad_cache_backward(model, contrastive_loss, images, tokens, local_batch)
+                if world_size > 1:  # the plain model ran, not DDP: average the gradients ourselves
+                    all_reduce_replicated_grads(model, world_size)
+            else:
+                loss_sum = torch.zeros((), device=device)
+                for micro in range(cfg.grad_accum):
+                    batch = fetch()
+                    # DDP all-reduces gradients in backward; skip that on all but the last micro-batch.
+                    last = micro == cfg.grad_accum - 1
+                    sync = nullcontext() if last or world_size == 1 or fsdp else train_model.no_sync()
+                    with sync:
+                        with autocast():
+                            loss = compute_loss(train_model, kind, batch, contrastive_loss)
+                        (loss / cfg.grad_accum).backward()  # each backward adds to .grad: average the micro-batches
+                    loss_sum += loss.detach() / cfg.grad_accum
             if fsdp:
-                from vlcore.train.fsdp import all_reduce_replicated_grads
                 all_reduce_replicated_grads(model, world_size)
             grad_norm = None
             if cfg.grad_clip > 0:
@@ -166,7 +183,7 @@ def train(cfg, *, model, train_model, model_cfg, optimizer, scheduler, contrasti
 
             # ---- logging ------------------------------------------------------------------------------------
             if step % cfg.log_every == 0 or step == cfg.steps:
-                loss_value = all_mean(loss_sum / cfg.grad_accum, world_size)
+                loss_value = all_mean(loss_sum, world_size)
                 skipped = position.skipped
                 if world_size > 1:
                     counts = torch.tensor([skipped], device=device)

@@ -199,6 +199,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if model_cfg.kind == "captioner" and cfg.compile:
             raise ConfigError("config field 'compile': the captioner's packed batches change shape every step; "
                               "compile the CLIP or fusion presets")
+        if cfg.grad_cache and (model_cfg.kind != "clip" or cfg.fsdp):
+            raise ConfigError("config field 'grad_cache': GradCache needs a CLIP model (model kind 'clip', got "
+                              f"{model_cfg.kind!r}) and no --fsdp")
         loss_cls = SigLipLoss if cfg.loss == "siglip" else partial(ClipLoss, local_loss=True, gather_with_grad=True)
         contrastive_loss = loss_cls(rank=rank, world_size=world_size)
         if model_cfg.kind == "fusion":

@@ -53,6 +53,7 @@ class TrainConfig:
     # --- optimisation ------------------------------------------------------------------------------------
     batch_size: int = 128  # global batch per optimizer step (all ranks, all accumulation steps together)
     grad_accum: int = 1  # micro-batches per optimizer step; each is batch_size / (world_size * grad_accum)
+    grad_cache: bool = False  # CLIP with grad_accum > 1: GradCache, the full batch's loss and negatives (else each micro-batch contrasts its own)
     steps: int = 1000  # optimizer steps in the run
     lr: float = 1e-3
     min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
