@@ -55,6 +55,8 @@ def test_model_errors_and_global_batch_errors_name_the_field(tmp_path):
         main(["--model-overrides", '{"vision_cfg": {"wdith": 3}}', "--out-dir", str(tmp_path)])
     with pytest.raises(ConfigError, match="'batch_size': 10 must be a multiple of world_size x grad_accum = 1 x 3"):
         main(["--batch-size", "10", "--grad-accum", "3", "--out-dir", str(tmp_path)])
+    with pytest.raises(ConfigError, match="config field 'tokenizer': model 'ViT-B-32' uses CLIP's BPE; pass --tokenizer"):
+        main(["--model", "ViT-B-32", "--out-dir", str(tmp_path)])
     with pytest.raises(ConfigError, match="config field 'tome_r'"):
         main(["--tome-r", "eight", "--out-dir", str(tmp_path)])
 

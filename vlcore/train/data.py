@@ -333,6 +333,9 @@ class BatchStream(IterableDataset):
                     except CorruptSample as e:
                         state["skipped"] += 1
                         self._check_schema(failures, e)
+                else:
+                    raise DataSchemaError(f"none of the {n} samples could be read; the last error: "
+                                          f"{failures['last_error']}")
                 captions.append(self._pick_caption(caps, rng))
             batch = spec.collate(torch.stack(images), captions, np.random.default_rng([spec.seed, 13, j, spec.rank]))
             yield batch, {"worker": worker, "batch": j, "skipped": state["skipped"]}

@@ -17,8 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from vlcore.models.clip import retrieval_recall
-from vlcore.models.tokenizer import get_tokenizer
-from vlcore.train.tasks import CaptionCollate
+from vlcore.train.tasks import CaptionCollate, get_tokenizer
 
 
 @torch.no_grad()

@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from vlcore.models.grad_cache import grad_cache_backward
 from vlcore.train.checkpoint import rng_state, save_checkpoint
 from vlcore.train.data import DataPosition, make_loader
-from vlcore.models.grad_cache import grad_cache_backward
 from vlcore.train.evaluate import evaluate
 from vlcore.train.fsdp import all_reduce_replicated_grads
 from vlcore.train.logs import RunLogger, plot_curves, report
 from vlcore.train.main import autocast_for
-from vlcore.train.tasks import batch_size_of, compute_loss, to_device
+from vlcore.train.tasks import compute_loss, to_device
 
 
 class StopRequest:

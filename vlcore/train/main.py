@@ -45,6 +45,8 @@ def model_overrides(cfg: TrainConfig) -> dict:
         vision["pool"] = cfg.pool
     if vision:
         overrides["vision_cfg"] = vision
+    if cfg.tokenizer is not None:
+        overrides["text_cfg"] = {**(overrides.get("text_cfg") or {}), "tokenizer": cfg.tokenizer}
     return overrides
 
 
@@ -53,9 +55,12 @@ def build_model(cfg: TrainConfig):
     overrides = model_overrides(cfg)
     try:
         model_cfg = get_model_config(cfg.model, **overrides)
-        model = create_model(cfg.model, **overrides)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config field 'model' / 'model_overrides': {e}") from None
+    if model_cfg.text_cfg.tokenizer == "clip_bpe" and not cfg.synthetic_benchmark:
+        raise ConfigError(f"config field 'tokenizer': model {cfg.model!r} uses CLIP's BPE; pass --tokenizer "
+                          "/path/to/bpe_simple_vocab_16e6.txt.gz (shipped in the open_clip wheel; nothing is downloaded)")
+    model = create_model(cfg.model, **overrides)
     if cfg.nvfp4:
         try:
             from vlcore.nvfp4 import convert
@@ -199,6 +204,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if model_cfg.kind == "captioner" and cfg.compile:
             raise ConfigError("config field 'compile': the captioner's packed batches change shape every step; "
                               "compile the CLIP or fusion presets")
+        if cfg.synthetic_benchmark and model_cfg.kind == "captioner":
+            raise ConfigError("config field 'synthetic_benchmark': times the CLIP and fusion steps; the captioner's "
+                              "packed batches come from data (train it on the embedded dataset instead)")
         if cfg.grad_cache and (model_cfg.kind != "clip" or cfg.fsdp):
             raise ConfigError("config field 'grad_cache': GradCache needs a CLIP model (model kind 'clip', got "
                               f"{model_cfg.kind!r}) and no --fsdp")

@@ -31,6 +31,7 @@ class TrainConfig:
     impl: str = "vlcore"  # "vlcore": fused kernels where the build has them; "torch": plain PyTorch everywhere
     tome_r: Optional[str] = None  # ToMe tokens merged per layer: "8", "[8, -0.5]" (r, inflect) or a per-layer list
     pool: Optional[str] = None  # vision pooling override: "tok" (class token) or "avg"
+    tokenizer: Optional[str] = None  # text_cfg.tokenizer override: "byte" or the path of CLIP's bpe_simple_vocab_16e6.txt.gz
     loss: str = "clip"  # contrastive loss of CLIP models: "clip" (InfoNCE) or "siglip"
     nvfp4: Optional[str] = None  # vlcore.nvfp4.convert policy name; None keeps full-precision matmuls
     grad_checkpointing: bool = False  # recompute transformer blocks in backward: less memory, ~1/3 more compute

@@ -8,7 +8,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vlcore.models.tokenizer import get_tokenizer
+from functools import lru_cache
+
+from vlcore.models.tokenizer import get_tokenizer as _load_tokenizer
+
+# one tokenizer per process (worker): a BPE vocabulary takes a moment to load
+get_tokenizer = lru_cache(maxsize=None)(_load_tokenizer)
 from vlcore.packing import IGNORE_INDEX, build_packed_batch, padded_waste
 
 
@@ -61,10 +66,6 @@ def to_device(batch: dict, device: torch.device) -> dict:
     for key, value in batch.items():
         out[key] = value.to(device, non_blocking=True) if hasattr(value, "to") else value
     return out
-
-
-def batch_size_of(batch: dict) -> int:
-    return batch["images"].shape[0]
 
 
 def compute_loss(model, kind: str, batch: dict, contrastive_loss) -> torch.Tensor:
