@@ -1,6 +1,7 @@
 """torchrun with 2 CPU processes (gloo) trains like one process on the same global batch."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,11 +29,9 @@ def test_two_process_run_equals_single_process(tmp_path, sharding):
     argv += {"ddp": [], "fsdp": ["--fsdp"], "ddp+grad_cache": ["--grad-accum", "2", "--grad-cache"]}[sharding]
     single = read_metrics(tmp_path / "single")
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "vlcore.train", *argv, "--out-dir", str(tmp_path / "ddp")]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    if sharding == "fsdp":
+        argv += ["--checkpoint-every", "2", "--keep-checkpoints", "3"]
+    result = _torchrun(argv + ["--out-dir", str(tmp_path / "ddp")])
     mode = "FSDP2" if sharding == "fsdp" else "DDP"
     split = "2 micro-batches x 2" if "grad_cache" in sharding else "1 micro-batches x 4"
     assert f"world size 2 ({mode}), global batch 8 = 2 ranks x {split}" in result.stdout + result.stderr
@@ -40,8 +39,8 @@ def test_two_process_run_equals_single_process(tmp_path, sharding):
     assert sorted(ddp) == sorted(single) == list(range(1, steps + 1))
     for step in single:  # the same samples, split over 2 ranks; the loss gathers features across them
         assert ddp[step] == pytest.approx(single[step], rel=1e-4, abs=1e-5), step
-    # Only rank 0 writes: one checkpoint, one metrics file; the weights match the single-process run's.
-    assert len(list((tmp_path / "ddp" / "checkpoints").iterdir())) == 1
+    # Only rank 0 writes: the checkpoints and one metrics file; the weights match the single-process run's.
+    assert len(list((tmp_path / "ddp" / "checkpoints").iterdir())) == (2 if sharding == "fsdp" else 1)
     from safetensors.torch import load_file
 
     final = "checkpoints/step_00000004/model.safetensors"
@@ -49,3 +48,20 @@ def test_two_process_run_equals_single_process(tmp_path, sharding):
     assert single_weights.keys() == ddp_weights.keys()
     for name, value in single_weights.items():
         torch.testing.assert_close(ddp_weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+    if sharding == "fsdp":
+        # Resuming an FSDP run (full state dicts scattered back to the shards) continues exactly.
+        shutil.rmtree(tmp_path / "ddp" / "checkpoints" / "step_00000004")
+        result = _torchrun(argv + ["--out-dir", str(tmp_path / "ddp")])
+        assert "resumed from" in result.stdout + result.stderr
+        resumed = read_metrics(tmp_path / "ddp")
+        assert [resumed[step] for step in (3, 4)] == [ddp[step] for step in (3, 4)]
+
+
+def _torchrun(argv: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "vlcore.train", *argv]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
