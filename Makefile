@@ -1,7 +1,8 @@
 # The two commands of the README's quick start, plus the CUDA compile check that CI runs.
 # Each creates (or reuses) a virtual environment in $(VENV), installs torch and vlcore into it, then runs.
 #
-#   make train        the main job (until the training script lands: the packing demo on generated data)
+#   make train        the main job: vlcore-train's default preset (tiny CLIP on the embedded shapes dataset,
+#                     CPU-friendly), printing the held-out retrieval R@1/5/10; output in runs/default
 #   make test         the test suite (CPU; on a CUDA build with a GPU, the CUDA kernels too)
 #   make check-cuda   compile every .cu for sm_90a with nvcc, without a GPU or a CUDA torch
 
@@ -19,7 +20,7 @@ SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 .PHONY: train test check-cuda clean
 
 train: $(STAMP)
-	$(PY) -m vlcore.demo_packing
+	$(PY) -m vlcore.train --preset default
 
 test: $(STAMP)
 	$(PY) -m pytest python_tests -q

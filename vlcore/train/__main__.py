@@ -1,0 +1,3 @@
+from vlcore.train.main import cli
+
+cli()

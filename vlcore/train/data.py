@@ -1,0 +1,476 @@
+"""Data: the embedded synthetic dataset, WebDataset tar shards and CSV/TSV files, batched in worker processes.
+
+Every source is read by :class:`BatchStream`, an ``IterableDataset`` whose worker processes produce whole
+batches (decode, augment, tokenize, collate) and attach to each batch the *position* reached after it. The
+training loop keeps the position of the last batch it consumed from every worker and stores them in the
+checkpoint; resuming hands them back, so the batches after a resume are exactly those an uninterrupted run
+would have seen (the exact-resume test checks this step by step).
+
+How work is split:
+
+- **Map-style sources** (synthetic, CSV): every epoch is a permutation of the sample indices seeded by
+  ``(seed, epoch)``. Global batch ``j`` of the run is the slice ``[j*B, (j+1)*B)`` of that order; rank ``r`` takes
+  its ``B / world_size`` part; dataloader worker ``w`` builds the batches ``j`` with ``j % workers == w``.
+- **WebDataset shards**: rank ``r`` reads shards ``r, r + world_size, ...``, its worker ``w`` every
+  ``workers``-th of those. Each worker loops over its shards forever, epoch after epoch, in an order shuffled
+  per epoch, and reads each shard's samples in a per-epoch shuffled order (the tar's member index is scanned
+  once, then samples are read by offset). Position = (epoch, shard, sample) per worker.
+
+The DataLoader takes batches from its workers round robin; after a resume at global batch ``n`` the worker
+numbering is rotated by ``n % workers`` so that the round robin continues where it stopped.
+
+Corrupt samples (undecodable or truncated images, bad JSON, a missing caption, a truncated tar) are skipped
+and counted. If a worker's first samples *all* fail, the data does not match the configuration (a wrong
+caption key, a wrong image column): the run stops with the error instead of skipping everything.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vlcore.train import synthetic
+
+#: consecutive failures, with no success yet, after which a worker declares a schema error
+SCHEMA_FAILURES = 16
+
+
+class DataSchemaError(RuntimeError):
+    """Every sample fails the same way: the data does not match the configuration."""
+
+
+class CorruptSample(Exception):
+    """One unreadable sample; skipped and counted."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preprocessing (Pillow + numpy, in the worker processes)
+
+
+@dataclass
+class ImageTransform:
+    """Resize + centre crop (evaluation) or random resized crop (training), then normalise to ``[3, S, S]``."""
+
+    size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    random_crop: bool = False
+    scale: tuple[float, float] = (0.9, 1.0)
+
+    def __call__(self, image, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
+        from PIL import Image
+
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        image = image.convert("RGB")
+        w, h = image.size
+        if self.random_crop and rng is not None:
+            area = w * h * rng.uniform(*self.scale)
+            aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+            cw = int(round(min(w, np.sqrt(area * aspect))))
+            ch = int(round(min(h, np.sqrt(area / aspect))))
+            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            image = image.resize((self.size, self.size), Image.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
+        else:
+            short = min(w, h)
+            x0, y0 = (w - short) // 2, (h - short) // 2
+            if (w, h) != (self.size, self.size):
+                image = image.resize((self.size, self.size), Image.BICUBIC, box=(x0, y0, x0 + short, y0 + short))
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        array = (array - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+def decode_image(data: bytes):
+    """Bytes -> a fully decoded PIL image; a truncated or unknown file raises :class:`CorruptSample`."""
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()  # decode now: a truncated file fails here, not later in the transform
+        return image
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... depending on the format
+        raise CorruptSample(f"image: {type(e).__name__}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sources
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``"a-{000..002}.tar::b.tar"`` -> ``["a-000.tar", "a-001.tar", "a-002.tar", "b.tar"]``: numeric ranges
+    keep their zero padding, ``{x,y}`` lists are alternatives, ``::`` separates patterns."""
+    out = []
+    for part in pattern.split("::"):
+        m = re.search(r"\{([^{}]*)\}", part)
+        if not m:
+            out.append(part)
+            continue
+        body, head, tail = m.group(1), part[: m.start()], part[m.end():]
+        r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+        if r:
+            lo, hi = r.group(1), r.group(2)
+            width = len(lo) if lo.startswith("0") else 0
+            options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+        else:
+            options = body.split(",")
+        for option in options:
+            out.extend(expand_braces(head + option + tail))
+    return out
+
+
+class SyntheticSource:
+    """Map-style: sample ``i`` of the embedded dataset. Training picks one of the captions at random."""
+
+    def __init__(self, seed: int, split: int, size: int, image_size: int):
+        self.seed, self.split, self.size, self.image_size = seed, split, size, image_size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def load(self, index: int, rng: np.random.Generator):
+        image, captions = synthetic.generate(self.seed, self.split, index, self.image_size)
+        return image, captions
+
+
+class CsvSource:
+    """Map-style: rows of a CSV (``,``) or TSV (``.tsv``: tab) file with an image path and a caption column."""
+
+    def __init__(self, path: str, image_key: str, caption_key: str):
+        self.root = os.path.dirname(os.path.abspath(path))
+        delimiter = "\t" if path.endswith((".tsv", ".tsv.gz")) else ","
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            header = reader.fieldnames or []
+            for key, what in ((image_key, "csv_image_key"), (caption_key, "csv_caption_key")):
+                if key not in header:  # a schema error: fail before any worker starts
+                    raise DataSchemaError(f"{path}: no column {key!r} ({what}); the columns are {header}")
+            self.rows = [(row[image_key], row[caption_key]) for row in reader]
+        if not self.rows:
+            raise DataSchemaError(f"{path}: no rows")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def load(self, index: int, rng: np.random.Generator):
+        path, caption = self.rows[index]
+        if not caption or not caption.strip():
+            raise CorruptSample(f"row {index}: empty caption")
+        path = path if os.path.isabs(path) else os.path.join(self.root, path)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise CorruptSample(f"row {index}: {e}") from None
+        return decode_image(data), [caption]
+
+
+@dataclass
+class TarSample:
+    key: str
+    members: dict  # extension -> tarfile.TarInfo
+
+
+def index_tar(path: str) -> tuple[list[TarSample], bool]:
+    """The samples of one tar (members grouped by key = basename up to its first dot, WebDataset's rule) and
+    whether the tar was complete. A truncated tar keeps the samples indexed before the damage."""
+    samples, complete = [], True
+    try:
+        with tarfile.open(path, "r:") as tar:
+            current = None
+            for info in tar:
+                if not info.isfile():
+                    continue
+                directory, base = os.path.split(info.name)
+                if "." not in base:
+                    continue
+                stem, ext = base.split(".", 1)
+                key = os.path.join(directory, stem)
+                if current is None or current.key != key:
+                    current = TarSample(key, {})
+                    samples.append(current)
+                current.members[ext.lower()] = info
+    except (tarfile.ReadError, EOFError, OSError):
+        # The damage may have cut the last indexed sample (a member's data or a whole member): drop it. The
+        # caller counts the truncated tar as one skipped sample.
+        complete = False
+        samples = samples[:-1]
+    return samples, complete
+
+
+class TarReader:
+    """Decodes one sample of a tar by its member offsets."""
+
+    def __init__(self, image_keys: Sequence[str], caption_key: str, json_field: str):
+        self.image_keys, self.caption_key, self.json_field = tuple(image_keys), caption_key, json_field
+
+    def load(self, handle, sample: TarSample):
+        def read(info) -> bytes:
+            handle.seek(info.offset_data)
+            data = handle.read(info.size)
+            if len(data) != info.size:
+                raise CorruptSample(f"{sample.key}.{info.name.rsplit('.', 1)[-1]}: truncated")
+            return data
+
+        image_ext = next((k for k in self.image_keys if k in sample.members), None)
+        if image_ext is None:
+            raise CorruptSample(f"{sample.key}: no image member with an extension in {list(self.image_keys)} "
+                                f"(wds_image_keys); it has {sorted(sample.members)}")
+        if self.caption_key not in sample.members:
+            raise CorruptSample(f"{sample.key}: no caption member '.{self.caption_key}' (wds_caption_key); "
+                                f"it has {sorted(sample.members)}")
+        raw = read(sample.members[self.caption_key])
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CorruptSample(f"{sample.key}.{self.caption_key}: not UTF-8") from None
+        if self.caption_key == "json":
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise CorruptSample(f"{sample.key}.json: bad JSON ({e})") from None
+            if not isinstance(record, dict) or self.json_field not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise CorruptSample(f"{sample.key}.json: no field {self.json_field!r} (json_caption_field); it has {keys}")
+            captions = record[self.json_field]
+            captions = [captions] if isinstance(captions, str) else list(captions)
+        else:
+            captions = [text.strip()]
+        if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
+            raise CorruptSample(f"{sample.key}: empty caption")
+        return decode_image(read(sample.members[image_ext])), captions
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batching in worker processes
+
+
+@dataclass
+class StreamSpec:
+    """Everything a worker needs to build batches; picklable."""
+
+    kind: str  # "map" or "tar"
+    source: object  # SyntheticSource / CsvSource (map) or a list of shard paths (tar)
+    local_batch: int  # samples per batch on this rank
+    rank: int
+    world_size: int
+    seed: int
+    transform: ImageTransform
+    collate: Callable  # (images [B,3,S,S], caption lists, rng) -> batch dict
+    tar_reader: Optional[TarReader] = None
+    train: bool = True  # training: random crops, one random caption per image
+    shuffle: bool = True  # per-epoch shuffled order (else file / index order)
+
+
+def worker_shards(shards: list[str], rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
+    """The shards one dataloader worker of one rank reads: disjoint across all ranks and workers."""
+    return shards[rank::world_size][worker::num_workers]
+
+
+class BatchStream(IterableDataset):
+    """Infinite stream of ``(batch, position)``; see the module docstring for the split of the work."""
+
+    def __init__(self, spec: StreamSpec, start_batch: int = 0, worker_states: Optional[dict] = None,
+                 num_workers: int = 0):
+        self.spec, self.start_batch, self.num_workers = spec, start_batch, max(num_workers, 1)
+        self.worker_states = worker_states or {}
+
+    def _worker(self) -> int:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        return (physical + self.start_batch) % self.num_workers  # rotated: see the module docstring
+
+    def __iter__(self) -> Iterator:
+        worker = self._worker()
+        state = dict(self.worker_states.get(worker, {}))
+        state.setdefault("skipped", 0)
+        if self.spec.kind == "map":
+            return self._map_batches(worker, state)
+        return self._tar_batches(worker, state)
+
+    # -- map-style: global batch j of the run, this rank's slice ----------------------------------------
+    def _map_batches(self, worker: int, state: dict):
+        spec, n = self.spec, len(self.spec.source)
+        global_batch = spec.local_batch * spec.world_size
+        per_epoch = n // global_batch
+        if per_epoch == 0:
+            raise ValueError(f"the dataset has {n} samples, fewer than one global batch of {global_batch}")
+        order_epoch, order = -1, None
+        first = self.start_batch + (worker - self.start_batch) % self.num_workers
+        failures = {"since_success": 0, "any_success": False}
+        for j in itertools.count(first, self.num_workers):
+            epoch, b = divmod(j, per_epoch)
+            if epoch != order_epoch:
+                order_epoch = epoch
+                order = np.random.default_rng([spec.seed, 7, epoch]).permutation(n) if spec.shuffle else np.arange(n)
+            start = b * global_batch + spec.rank * spec.local_batch
+            images, captions = [], []
+            for slot in range(spec.local_batch):
+                index = int(order[start + slot])
+                # Seeded by the sample's place in the epoch's order: any world size and any number of
+                # accumulation steps draw the same crops and captions for it.
+                rng = np.random.default_rng([spec.seed, 11, epoch, start + slot])
+                # A corrupt sample is replaced by the next index (wrapping): batches keep their size, which
+                # the distributed contrastive loss needs (all ranks gather equal shapes).
+                for attempt in range(n):
+                    try:
+                        image, caps = spec.source.load((index + attempt) % n, rng)
+                        images.append(spec.transform(image, rng if spec.train else None))
+                        failures["since_success"], failures["any_success"] = 0, True
+                        break
+                    except CorruptSample as e:
+                        state["skipped"] += 1
+                        self._check_schema(failures, e)
+                else:
+                    raise DataSchemaError(f"none of the {n} samples could be read; the last error: "
+                                          f"{failures['last_error']}")
+                captions.append(self._pick_caption(caps, rng))
+            batch = spec.collate(torch.stack(images), captions, np.random.default_rng([spec.seed, 13, j, spec.rank]))
+            yield batch, {"worker": worker, "batch": j, "skipped": state["skipped"]}
+
+    def _pick_caption(self, captions: list, rng: np.random.Generator) -> list:
+        """Training uses one caption per image, drawn with the sample's own generator."""
+        return [captions[int(rng.integers(len(captions)))]] if self.spec.train else captions
+
+    @staticmethod
+    def _check_schema(failures: dict, error: Exception) -> None:
+        failures["since_success"] += 1
+        failures["last_error"] = error
+        if not failures["any_success"] and failures["since_success"] >= SCHEMA_FAILURES:
+            raise DataSchemaError(f"the first {SCHEMA_FAILURES} samples all failed, so the data does not match the "
+                                  f"configuration; the last error: {error}")
+
+    # -- WebDataset tars: this worker's shards, forever --------------------------------------------------
+    def _tar_batches(self, worker: int, state: dict):
+        spec = self.spec
+        shards = worker_shards(spec.source, spec.rank, spec.world_size, worker, self.num_workers)
+        if not shards:
+            raise ValueError(f"rank {spec.rank} worker {worker} has no shard: {len(spec.source)} shards for "
+                             f"{spec.world_size} ranks x {self.num_workers} workers; use fewer workers or more shards")
+        epoch, shard_pos, sample_pos = state.get("epoch", 0), state.get("shard", 0), state.get("sample", 0)
+        failures = {"since_success": 0, "any_success": False}
+        images, captions, produced = [], [], state.get("produced", 0)
+        while True:
+            shard_order = (np.random.default_rng([spec.seed, 17, epoch, spec.rank, worker]).permutation(len(shards))
+                           if spec.shuffle else np.arange(len(shards)))
+            while shard_pos < len(shards):
+                path = shards[int(shard_order[shard_pos])]
+                samples, complete = index_tar(path)
+                if not complete and sample_pos == 0:
+                    state["skipped"] += 1  # the truncated tail of the tar counts as one corrupt sample
+                sample_order = (np.random.default_rng([spec.seed, 19, epoch, int(shard_order[shard_pos])]).permutation(len(samples))
+                                if spec.shuffle else np.arange(len(samples)))
+                with open(path, "rb") as handle:
+                    while sample_pos < len(samples):
+                        sample = samples[int(sample_order[sample_pos])]
+                        sample_pos += 1
+                        rng = np.random.default_rng([spec.seed, 23, epoch, int(shard_order[shard_pos]), sample_pos])
+                        try:
+                            image, caps = spec.tar_reader.load(handle, sample)
+                            images.append(spec.transform(image, rng if spec.train else None))
+                            captions.append(self._pick_caption(caps, rng))
+                            failures["since_success"], failures["any_success"] = 0, True
+                        except CorruptSample as e:
+                            state["skipped"] += 1
+                            self._check_schema(failures, e)
+                            continue
+                        if len(images) == spec.local_batch:
+                            position = {"worker": worker, "epoch": epoch, "shard": shard_pos, "sample": sample_pos,
+                                        "skipped": state["skipped"], "produced": produced + 1}
+                            rng = np.random.default_rng([spec.seed, 29, spec.rank, worker, produced])
+                            yield spec.collate(torch.stack(images), captions, rng), position
+                            produced += 1
+                            images, captions = [], []
+                shard_pos, sample_pos = shard_pos + 1, 0
+            if not failures["any_success"] and failures["since_success"] > 0:
+                raise DataSchemaError(f"no sample of {shards} could be read, so the data does not match the "
+                                      f"configuration; the last error: {failures.get('last_error')}")
+            # Partial batches are carried over into the next epoch: no sample is dropped, batches stay full.
+            epoch, shard_pos = epoch + 1, 0
+
+
+def make_loader(spec: StreamSpec, workers: int, data_state: Optional[dict] = None) -> DataLoader:
+    """A DataLoader over :class:`BatchStream` resuming at ``data_state`` (from a checkpoint, or None)."""
+    data_state = data_state or {}
+    if data_state and spec.kind == "tar" and data_state.get("workers") not in (None, max(workers, 1)):
+        raise ValueError(f"the checkpoint's data position was taken with {data_state['workers']} dataloader workers; "
+                         f"resuming WebDataset shards exactly needs the same number (workers={workers})")
+    stream = BatchStream(spec, start_batch=data_state.get("batches", 0),
+                         worker_states={int(k): v for k, v in data_state.get("per_worker", {}).items()},
+                         num_workers=workers)
+    return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
+                      prefetch_factor=4 if workers > 0 else None, pin_memory=torch.cuda.is_available())
+
+
+class DataPosition:
+    """What the loop consumed: global batch count and the last position of every worker."""
+
+    def __init__(self, workers: int, state: Optional[dict] = None):
+        state = state or {}
+        self.workers = max(workers, 1)
+        self.batches = state.get("batches", 0)
+        self.per_worker = {int(k): v for k, v in state.get("per_worker", {}).items()}
+
+    def update(self, position: dict) -> None:
+        self.batches += 1
+        self.per_worker[position["worker"]] = position
+
+    @property
+    def skipped(self) -> int:
+        return sum(p.get("skipped", 0) for p in self.per_worker.values())
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "workers": self.workers, "per_worker": dict(self.per_worker)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation sets: every image once, with all its captions
+
+
+def _raise(error: Exception):
+    raise error
+
+
+def _eval_loaders(source) -> Iterator[Callable]:
+    """One zero-argument loader per sample (called before the next is drawn); a truncated tar adds one that
+    raises, so that it is counted like the training stream counts it."""
+    if isinstance(source, list):  # [TarReader, shard paths]
+        reader, paths = source
+        for path in paths:
+            samples, complete = index_tar(path)
+            if not complete:
+                yield partial(_raise, CorruptSample(f"{path}: truncated tar"))
+            with open(path, "rb") as handle:
+                for sample in samples:
+                    yield lambda: reader.load(handle, sample)
+    else:
+        for index in range(len(source)):
+            yield lambda: source.load(index, None)
+
+
+def load_eval_set(source, transform: ImageTransform) -> tuple[torch.Tensor, list[list[str]], int]:
+    """``(images [N, 3, S, S], captions per image, skipped)`` of a map-style source or ``[TarReader, shards]``."""
+    images, captions, skipped = [], [], 0
+    for load in _eval_loaders(source):
+        try:
+            image, caps = load()
+        except CorruptSample:
+            skipped += 1
+            continue
+        images.append(transform(image))
+        captions.append(caps)
+    if not images:
+        raise DataSchemaError("the evaluation data has no readable sample")
+    return torch.stack(images), captions, skipped

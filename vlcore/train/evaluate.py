@@ -1,0 +1,123 @@
+"""Evaluation: zero-shot retrieval (CLIP_benchmark's protocol) and the captioning loss; ``vlcore-eval``.
+
+Retrieval follows CLIP_benchmark (``../shared/specs/vlp.md`` §6.1): normalised image and text embeddings, all
+captions of every image, cosine scores ``[N_txt, N_img]`` without the logit scale, and hit rate at k:
+``image_retrieval_recall@k`` (text->image: is the caption's image in its top k) and
+``text_retrieval_recall@k`` (image->text: is *any* of the image's captions in its top k). Reported here as
+``t2i_R@k`` and ``i2t_R@k``; ``i2t_chance_R@1`` is what random scores would give (captions per image / N_txt).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import nullcontext
+from typing import Optional, Sequence
+
+import torch
+
+from vlcore.models.clip import retrieval_recall
+from vlcore.train.tasks import CaptionCollate, get_tokenizer
+
+
+@torch.no_grad()
+def retrieval_metrics(model, images: torch.Tensor, captions: list[list[str]], tokenizer: str, context_length: int,
+                      device: torch.device, autocast=nullcontext, batch_size: int = 256,
+                      ks: Sequence[int] = (1, 5, 10)) -> dict:
+    texts = [c for caps in captions for c in caps]
+    text_to_image = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], device=device)
+    tok = get_tokenizer(tokenizer)
+    image_features, text_features = [], []
+    with autocast():
+        for start in range(0, images.shape[0], batch_size):
+            image_features.append(model.encode_image(images[start : start + batch_size].to(device)).float())
+        for start in range(0, len(texts), batch_size):
+            tokens = tok(texts[start : start + batch_size], context_length).to(device)
+            text_features.append(model.encode_text(tokens).float())
+    image_features = torch.nn.functional.normalize(torch.cat(image_features), dim=-1)
+    text_features = torch.nn.functional.normalize(torch.cat(text_features), dim=-1)
+    recall = retrieval_recall(image_features, text_features, text_to_image, ks=tuple(ks))
+    metrics = {}
+    for k in ks:
+        metrics[f"i2t_R@{k}"] = recall[f"text_retrieval_recall@{k}"]
+        metrics[f"t2i_R@{k}"] = recall[f"image_retrieval_recall@{k}"]
+    metrics["i2t_chance_R@1"] = len(texts) / len(captions) / len(texts)
+    metrics["eval_images"] = len(captions)
+    return metrics
+
+
+@torch.no_grad()
+def caption_loss(model, images: torch.Tensor, captions: list[list[str]], model_cfg, device: torch.device,
+                 autocast=nullcontext, batch_size: int = 64) -> dict:
+    collate = CaptionCollate(model_cfg.text_cfg.tokenizer, model_cfg.text_cfg.context_length,
+                             model_cfg.connector_cfg.num_tokens(model_cfg.vision_cfg),
+                             model_cfg.connector_cfg.image_token_id, train=False)
+    total, count = 0.0, 0
+    with autocast():
+        for start in range(0, images.shape[0], batch_size):
+            batch = collate(images[start : start + batch_size], captions[start : start + batch_size], None)
+            out = model(batch["packed"].to(device), batch["images"].to(device))
+            n = int(out["num_targets"])
+            total, count = total + float(out["loss"]) * n, count + n
+    return {"caption_loss": total / max(count, 1), "eval_images": images.shape[0]}
+
+
+def evaluate(model, model_cfg, eval_set, device: torch.device, autocast=nullcontext) -> dict:
+    """Metrics of ``model`` on ``eval_set = (images, captions, skipped)`` for its kind."""
+    images, captions, _ = eval_set
+    was_training = model.training
+    model.eval()
+    try:
+        if model_cfg.kind == "captioner":
+            return caption_loss(model, images, captions, model_cfg, device, autocast)
+        return retrieval_metrics(model, images, captions, model_cfg.text_cfg.tokenizer,
+                                 model_cfg.text_cfg.context_length, device, autocast)
+    finally:
+        model.train(was_training)
+
+
+def eval_main(argv: Optional[Sequence[str]] = None) -> dict:
+    """``vlcore-eval --checkpoint RUN/checkpoints/step_N [--field value ...]``: the run's config from the
+    checkpoint, overridden by the given fields (e.g. ``--val-data my.csv --val-data-type csv``)."""
+    from vlcore.train import main as train_main  # the module
+    from vlcore.train.checkpoint import latest_checkpoint, load_checkpoint
+    from vlcore.train.params import TrainConfig, apply, split_argv
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or "--help" in argv or "-h" in argv:
+        print(eval_main.__doc__)
+        return {}
+    pairs = dict(split_argv(argv))
+    path = pairs.pop("checkpoint", None)
+    if path is None:
+        raise SystemExit("vlcore-eval: --checkpoint PATH is required (a step_* directory or a run's out_dir)")
+    from pathlib import Path
+
+    if (Path(path) / "checkpoints").is_dir():
+        path = latest_checkpoint(Path(path) / "checkpoints")
+    state = load_checkpoint(Path(path))
+    cfg = TrainConfig()
+    apply(cfg, state["config"], "checkpoint config")
+    apply(cfg, pairs, "command line")
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    model, model_cfg = train_main.build_model(cfg)
+    load_checkpoint(Path(path), model)
+    model.to(device)
+    eval_set = train_main.build_eval_set(cfg, model_cfg)
+    metrics = evaluate(model, model_cfg, eval_set, device, train_main.autocast_for(cfg, device))
+    metrics["eval_skipped"] = eval_set[2]
+    metrics["checkpoint"] = str(path)
+    print(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def eval_cli() -> None:
+    from vlcore.train.data import DataSchemaError
+    from vlcore.train.params import ConfigError
+
+    try:
+        eval_main()
+    except (ConfigError, DataSchemaError, FileNotFoundError) as e:
+        print(f"vlcore-eval: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
