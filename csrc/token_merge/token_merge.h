@@ -208,4 +208,37 @@ VLCORE_HD inline void bilinear_readers(int64_t i, int64_t in, int64_t out, int64
   if (hi > out - 1) hi = out - 1;
 }
 
+// Checks of the pooling / merger inputs (x, or grad_out for the backward) against their grids.
+inline GridPlan check_pool(const char* op, const at::Tensor& x, c10::IntArrayRef grids, c10::IntArrayRef out_grids,
+                    bool class_token, bool input_is_grid) {
+  const char* name = input_is_grid ? "x" : "grad_out";
+  VLCORE_CHECK(x.dim() == 2, op, name, " must have shape (total_tokens, C), got ", x.sizes());
+  VLCORE_CHECK(at::isFloatingType(x.scalar_type()), op, name, " must be floating point, got ", x.scalar_type());
+  const GridPlan p = grid_plan(op, grids, out_grids, class_token);
+  const int64_t want = input_is_grid ? p.total_in : p.total_out;
+  VLCORE_CHECK(x.size(0) == want, op, name, " has ", x.size(0), " rows but the grids",
+               class_token ? " (plus one class token per image)" : "", " hold ", want, " tokens");
+  return p;
+}
+
+inline GridPlan check_merge_2x2(const char* op, const at::Tensor& t, c10::IntArrayRef grids, bool forward) {
+  const char* name = forward ? "x" : "grad_out";
+  VLCORE_CHECK(t.dim() == 2, op, name, " must have shape (", forward ? "total_tokens, C" : "total_tokens / 4, 4 C",
+               "), got ", t.sizes());
+  std::vector<int64_t> halves(grids.begin(), grids.end());
+  for (size_t i = 0; i < halves.size(); ++i) {
+    VLCORE_CHECK(halves[i] % 2 == 0, op, "grids must be even (the merger takes 2x2 cells), got ",
+                 i % 2 ? "w" : "h", " = ", halves[i], " for image ", i / 2);
+    halves[i] /= 2;
+  }
+  const GridPlan p = grid_plan(op, grids, halves, false);
+  if (forward) {
+    VLCORE_CHECK(t.size(0) == p.total_in, op, "x has ", t.size(0), " rows but the grids hold ", p.total_in, " tokens");
+  } else {
+    VLCORE_CHECK(t.size(0) == p.total_out && t.size(1) % 4 == 0, op, "grad_out must have shape (", p.total_out,
+                 ", 4 C), got ", t.sizes());
+  }
+  return p;
+}
+
 }  // namespace vlcore::token_merge_detail
