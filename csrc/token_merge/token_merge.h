@@ -110,6 +110,50 @@ inline void check_merge_inputs(const char* op, const at::Tensor& x, const c10::o
   }
 }
 
+struct MergeArgs {
+  int64_t total_in, total_out, c;
+  MergeMode mode;
+};
+
+// tome_merge(x [T, C], size [T]?, dest [T], offsets [T' + 1], sources [T], mode).
+inline MergeArgs check_merge(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& size,
+                             const at::Tensor& dest, const at::Tensor& offsets, const at::Tensor& sources,
+                             c10::string_view mode) {
+  check_merge_inputs(op, x, size);
+  const MergeMode m = parse_mode(op, mode);
+  VLCORE_CHECK(offsets.dim() == 1 && offsets.numel() >= 1, op, "offsets must be 1-D and non-empty, got ", offsets.sizes());
+  const MergeArgs a{x.size(0), offsets.numel() - 1, x.size(1), m};
+  check_maps(op, x, "x", dest, offsets, sources, a.total_in, a.total_out);
+  return a;
+}
+
+// tome_merge_backward: the forward's arguments plus grad_out / out [T', C] and grad_size [T']?.
+inline MergeArgs check_merge_backward(const char* op, const at::Tensor& grad_out,
+                                      const c10::optional<at::Tensor>& grad_size, const at::Tensor& x,
+                                      const c10::optional<at::Tensor>& size, const at::Tensor& out,
+                                      const at::Tensor& dest, const at::Tensor& offsets, const at::Tensor& sources,
+                                      c10::string_view mode) {
+  const MergeArgs a = check_merge(op, x, size, dest, offsets, sources, mode);
+  VLCORE_CHECK(grad_out.sizes() == out.sizes() && out.dim() == 2 && out.size(0) == a.total_out && out.size(1) == a.c,
+               op, "grad_out and out must have shape (", a.total_out, ", ", a.c, "), got ", grad_out.sizes(), " and ",
+               out.sizes());
+  VLCORE_CHECK(!grad_size || (grad_size->dim() == 1 && grad_size->size(0) == a.total_out), op,
+               "grad_size must have shape (", a.total_out, ",)");
+  return a;
+}
+
+// tome_unmerge(x [T', C], dest, offsets, sources): returns (total_in, total_out).
+inline std::pair<int64_t, int64_t> check_unmerge(const char* op, const at::Tensor& x, const at::Tensor& dest,
+                                                 const at::Tensor& offsets, const at::Tensor& sources) {
+  VLCORE_CHECK(x.dim() == 2, op, "x must have shape (merged_tokens, C), got ", x.sizes());
+  VLCORE_CHECK(offsets.dim() == 1 && offsets.numel() >= 1, op, "offsets must be 1-D and non-empty, got ", offsets.sizes());
+  const int64_t total_out = x.size(0), total_in = dest.numel();
+  VLCORE_CHECK(offsets.numel() == total_out + 1, op, "x has ", total_out, " rows but the match merges to ",
+               offsets.numel() - 1, " tokens");
+  check_maps(op, x, "x", dest, offsets, sources, total_in, total_out);
+  return {total_in, total_out};
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Token grids (pooling and the 2x2 merger).
 
@@ -206,6 +250,24 @@ VLCORE_HD inline void bilinear_readers(int64_t i, int64_t in, int64_t out, int64
   hi = ((i + 2) * out) / in + 1;
   if (lo < 0) lo = 0;
   if (hi > out - 1) hi = out - 1;
+}
+
+// Backward of either pooling mode: the weight of input index i in output index o along one axis, and the
+// output indices that may read i (a superset: the weights decide).
+template <typename acc_t>
+VLCORE_HD inline acc_t pool_weight(bool bilinear, int64_t i, int64_t o, int64_t in, int64_t out) {
+  if (bilinear) return bilinear_weight<acc_t>(i, o, in, out);
+  const int64_t a = pool_start(o, in, out), b = pool_end(o, in, out);
+  return (a <= i && i < b) ? acc_t(1) / acc_t(b - a) : acc_t(0);
+}
+
+VLCORE_HD inline void pool_readers(bool bilinear, int64_t i, int64_t in, int64_t out, int64_t& lo, int64_t& hi) {
+  if (bilinear) {
+    bilinear_readers(i, in, out, lo, hi);
+  } else {
+    lo = first_window(i, in, out);
+    hi = last_window(i, in, out);
+  }
 }
 
 // Checks of the pooling / merger inputs (x, or grad_out for the backward) against their grids.

@@ -179,11 +179,9 @@ std::tuple<at::Tensor, at::Tensor> tome_merge_cpu(const at::Tensor& x, const c10
                                                   const at::Tensor& dest, const at::Tensor& offsets,
                                                   const at::Tensor& sources, c10::string_view mode) {
   constexpr const char* op = "tome_merge";
-  check_merge_inputs(op, x, size);
-  const MergeMode m = parse_mode(op, mode);
-  const int64_t total_in = x.size(0), total_out = offsets.numel() - 1;
-  VLCORE_CHECK(offsets.dim() == 1 && offsets.numel() >= 1, op, "offsets must be 1-D and non-empty, got ", offsets.sizes());
-  check_maps(op, x, "x", dest, offsets, sources, total_in, total_out);
+  const MergeArgs args = check_merge(op, x, size, dest, offsets, sources, mode);
+  const int64_t total_in = args.total_in, total_out = args.total_out, c = args.c;
+  const MergeMode m = args.mode;
   const at::Tensor xc = x.contiguous(), oc = offsets.contiguous(), sc = sources.contiguous(), dc = dest.contiguous();
   check_map_values(op, dc, oc, sc, total_in, total_out);
   const at::Tensor sz = size ? size->contiguous() : at::Tensor();
@@ -191,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor> tome_merge_cpu(const at::Tensor& x, const c10
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tome_merge_cpu", [&] {
     merge_rows<scalar_t>(xc.data_ptr<scalar_t>(), size ? sz.data_ptr<scalar_t>() : nullptr, oc.data_ptr<int64_t>(),
                          sc.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), out_size.data_ptr<scalar_t>(), total_out,
-                         x.size(1), m);
+                         c, m);
   });
   return {out, out_size};
 }
@@ -203,14 +201,10 @@ std::tuple<at::Tensor, at::Tensor> tome_merge_backward_cpu(const at::Tensor& gra
                                                            const at::Tensor& offsets, const at::Tensor& sources,
                                                            c10::string_view mode) {
   constexpr const char* op = "tome_merge_backward";
-  check_merge_inputs(op, x, size);
-  const MergeMode m = parse_mode(op, mode);
-  const int64_t total_in = x.size(0), total_out = offsets.numel() - 1, c = x.size(1);
-  check_maps(op, x, "x", dest, offsets, sources, total_in, total_out);
-  VLCORE_CHECK(grad_out.sizes() == out.sizes() && out.dim() == 2 && out.size(0) == total_out && out.size(1) == c, op,
-               "grad_out and out must have shape (", total_out, ", ", c, "), got ", grad_out.sizes(), " and ", out.sizes());
-  VLCORE_CHECK(!grad_size || (grad_size->dim() == 1 && grad_size->size(0) == total_out), op,
-               "grad_size must have shape (", total_out, ",)");
+  const MergeArgs args =
+      check_merge_backward(op, grad_out, grad_size, x, size, out, dest, offsets, sources, mode);
+  const int64_t total_in = args.total_in, total_out = args.total_out, c = args.c;
+  const MergeMode m = args.mode;
   const at::Tensor g = grad_out.contiguous(), xc = x.contiguous(), oc = out.contiguous(), dc = dest.contiguous(),
                    off = offsets.contiguous(), sc = sources.contiguous();
   check_map_values(op, dc, off, sc, total_in, total_out);
@@ -267,12 +261,8 @@ std::tuple<at::Tensor, at::Tensor> tome_merge_backward_cpu(const at::Tensor& gra
 at::Tensor tome_unmerge_cpu(const at::Tensor& x, const at::Tensor& dest, const at::Tensor& offsets,
                             const at::Tensor& sources) {
   constexpr const char* op = "tome_unmerge";
-  VLCORE_CHECK(x.dim() == 2, op, "x must have shape (merged_tokens, C), got ", x.sizes());
-  VLCORE_CHECK(offsets.dim() == 1 && offsets.numel() >= 1, op, "offsets must be 1-D and non-empty, got ", offsets.sizes());
-  const int64_t total_out = x.size(0), total_in = dest.numel();
-  VLCORE_CHECK(offsets.numel() == total_out + 1, op, "x has ", total_out, " rows but the match merges to ",
-               offsets.numel() - 1, " tokens");
-  check_maps(op, x, "x", dest, offsets, sources, total_in, total_out);
+  const auto totals = check_unmerge(op, x, dest, offsets, sources);
+  const int64_t total_in = totals.first, total_out = totals.second;
   const at::Tensor xc = x.contiguous(), dc = dest.contiguous();
   check_map_values(op, dc, offsets.contiguous(), sources.contiguous(), total_in, total_out);
   at::Tensor out = at::empty({total_in, x.size(1)}, x.options());

@@ -469,12 +469,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 std::tuple<at::Tensor, at::Tensor> tome_merge_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& size,
                                                    const at::Tensor& dest, const at::Tensor& offsets,
                                                    const at::Tensor& sources, c10::string_view mode) {
-  constexpr const char* op = "tome_merge";
-  check_merge_inputs(op, x, size);
-  const MergeMode md = parse_mode(op, mode);
-  VLCORE_CHECK(offsets.dim() == 1 && offsets.numel() >= 1, op, "offsets must be 1-D and non-empty, got ", offsets.sizes());
-  const int64_t total_in = x.size(0), total_out = offsets.numel() - 1, c = x.size(1);
-  check_maps(op, x, "x", dest, offsets, sources, total_in, total_out);
+  const MergeArgs args = check_merge("tome_merge", x, size, dest, offsets, sources, mode);
+  const int64_t total_in = args.total_in, total_out = args.total_out, c = args.c;
+  const MergeMode md = args.mode;
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor xc = x.contiguous(), oc = offsets.contiguous(), sc = sources.contiguous();
@@ -507,16 +504,10 @@ std::tuple<at::Tensor, at::Tensor> tome_merge_backward_cuda(const at::Tensor& gr
                                                             const at::Tensor& out, const at::Tensor& dest,
                                                             const at::Tensor& offsets, const at::Tensor& sources,
                                                             c10::string_view mode) {
-  constexpr const char* op = "tome_merge_backward";
-  check_merge_inputs(op, x, size);
-  const MergeMode md = parse_mode(op, mode);
-  VLCORE_CHECK(offsets.dim() == 1 && offsets.numel() >= 1, op, "offsets must be 1-D and non-empty, got ", offsets.sizes());
-  const int64_t total_in = x.size(0), total_out = offsets.numel() - 1, c = x.size(1);
-  check_maps(op, x, "x", dest, offsets, sources, total_in, total_out);
-  VLCORE_CHECK(grad_out.sizes() == out.sizes() && out.dim() == 2 && out.size(0) == total_out && out.size(1) == c, op,
-               "grad_out and out must have shape (", total_out, ", ", c, "), got ", grad_out.sizes(), " and ", out.sizes());
-  VLCORE_CHECK(!grad_size || (grad_size->dim() == 1 && grad_size->size(0) == total_out), op,
-               "grad_size must have shape (", total_out, ",)");
+  const MergeArgs args =
+      check_merge_backward("tome_merge_backward", grad_out, grad_size, x, size, out, dest, offsets, sources, mode);
+  const int64_t total_in = args.total_in, total_out = args.total_out, c = args.c;
+  const MergeMode md = args.mode;
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor g = grad_out.to(x.scalar_type()).contiguous(), xc = x.contiguous(),
@@ -550,13 +541,8 @@ std::tuple<at::Tensor, at::Tensor> tome_merge_backward_cuda(const at::Tensor& gr
 
 at::Tensor tome_unmerge_cuda(const at::Tensor& x, const at::Tensor& dest, const at::Tensor& offsets,
                              const at::Tensor& sources) {
-  constexpr const char* op = "tome_unmerge";
-  VLCORE_CHECK(x.dim() == 2, op, "x must have shape (merged_tokens, C), got ", x.sizes());
-  VLCORE_CHECK(offsets.dim() == 1 && offsets.numel() >= 1, op, "offsets must be 1-D and non-empty, got ", offsets.sizes());
-  const int64_t total_out = x.size(0), total_in = dest.numel();
-  VLCORE_CHECK(offsets.numel() == total_out + 1, op, "x has ", total_out, " rows but the match merges to ",
-               offsets.numel() - 1, " tokens");
-  check_maps(op, x, "x", dest, offsets, sources, total_in, total_out);
+  const auto totals = check_unmerge("tome_unmerge", x, dest, offsets, sources);
+  const int64_t total_in = totals.first, total_out = totals.second;
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor xc = x.contiguous(), dc = dest.contiguous();

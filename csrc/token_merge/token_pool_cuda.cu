@@ -128,33 +128,16 @@ __global__ void token_pool_2d_backward_kernel(const scalar_t* __restrict__ grad_
     const int64_t y = q / s.w, xx = q - y * s.w;
     int64_t oy0 = 0, oy1 = -1, ox0 = 0, ox1 = -1;
     if (s.oh > 0 && s.ow > 0) {
-      if (!bilinear) {
-        oy0 = first_window(y, s.h, s.oh), oy1 = last_window(y, s.h, s.oh);
-        ox0 = first_window(xx, s.w, s.ow), ox1 = last_window(xx, s.w, s.ow);
-      } else {
-        bilinear_readers(y, s.h, s.oh, oy0, oy1);
-        bilinear_readers(xx, s.w, s.ow, ox0, ox1);
-      }
+      pool_readers(bilinear, y, s.h, s.oh, oy0, oy1);
+      pool_readers(bilinear, xx, s.w, s.ow, ox0, ox1);
     }
     for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
       acc_t acc[VEC] = {};
       for (int64_t oy = oy0; oy <= oy1; ++oy) {
-        acc_t wy;
-        if (!bilinear) {
-          const int64_t a = pool_start(oy, s.h, s.oh), b = pool_end(oy, s.h, s.oh);
-          wy = (a <= y && y < b) ? acc_t(1) / acc_t(b - a) : acc_t(0);
-        } else {
-          wy = bilinear_weight<acc_t>(y, oy, s.h, s.oh);
-        }
+        const acc_t wy = pool_weight<acc_t>(bilinear, y, oy, s.h, s.oh);
         if (wy == acc_t(0)) continue;
         for (int64_t ox = ox0; ox <= ox1; ++ox) {
-          acc_t wx;
-          if (!bilinear) {
-            const int64_t a = pool_start(ox, s.w, s.ow), b = pool_end(ox, s.w, s.ow);
-            wx = (a <= xx && xx < b) ? acc_t(1) / acc_t(b - a) : acc_t(0);
-          } else {
-            wx = bilinear_weight<acc_t>(xx, ox, s.w, s.ow);
-          }
+          const acc_t wx = pool_weight<acc_t>(bilinear, xx, ox, s.w, s.ow);
           if (wx == acc_t(0)) continue;
           const P v = reinterpret_cast<const P*>(grad_out + (base + oy * s.ow + ox) * c)[p];
 #pragma unroll

@@ -132,6 +132,8 @@ def test_tome_varlen_matches_per_image(device, class_token, poisoned):
     sizes = [torch.randint(1, 4, (n, 1), device=device).float() for n in seqlens]
     match = vlcore.ops.tome_match_varlen(torch.cat(metrics), seqlens, rs, class_token=class_token)
     assert match.out_seqlens == tuple(n - tome_cap(n, r, class_token) for n, r in zip(seqlens, rs))
+    cu = match.out_cu_seqlens()
+    assert cu.dtype == torch.int32 and cu.device == match.dest.device and cu[-1] == sum(match.out_seqlens)
     out, out_size = vlcore.ops.tome_merge(torch.cat(xs), match, size=torch.cat(sizes))
     unmerged_out = vlcore.ops.tome_unmerge(out, match)
     start = 0

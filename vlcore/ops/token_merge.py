@@ -26,6 +26,7 @@ deterministic).
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple, Optional, Sequence
 
@@ -69,6 +70,11 @@ class TomeMatch(NamedTuple):
     @property
     def is_identity(self) -> bool:
         return not any(self.r)
+
+    def out_cu_seqlens(self) -> torch.Tensor:
+        """``cu_seqlens`` (int32, flash-attn's convention) of the merged batch, on the match's device, built from
+        host ints (a host-to-device copy, no sync): the packing for varlen attention after the merge."""
+        return torch.tensor([0, *itertools.accumulate(self.out_seqlens)], dtype=torch.int32, device=self.dest.device)
 
 
 def tome_cap(n: int, r: int, class_token: bool = False, distill_token: bool = False) -> int:
