@@ -22,13 +22,29 @@ TORCH_LIBRARY(vlcore, m) {
   m.def("seq_unpack(Tensor packed, Tensor cu_seqlens, int padded_len, Scalar pad_value) -> Tensor");
   m.def("scatter_image_embeds(Tensor text_embeds, Tensor image_embeds, Tensor image_positions) -> Tensor");
   m.def("scatter_image_embeds_backward(Tensor grad_out, Tensor image_positions) -> (Tensor, Tensor)");
+
+  m.set_python_module("vlcore.ops.token_merge");
+  m.def("tome_match(Tensor metric, int[] seqlens, int[] r, bool class_token, bool distill_token) -> "
+        "(Tensor unmerged, Tensor src, Tensor dst, Tensor dest, Tensor offsets, Tensor sources)");
+  m.def("tome_merge(Tensor x, Tensor? size, Tensor dest, Tensor offsets, Tensor sources, str mode) -> (Tensor, Tensor)");
+  m.def("tome_merge_backward(Tensor grad_out, Tensor? grad_size, Tensor x, Tensor? size, Tensor out, Tensor dest, "
+        "Tensor offsets, Tensor sources, str mode) -> (Tensor, Tensor)");
+  m.def("tome_unmerge(Tensor x, Tensor dest, Tensor offsets, Tensor sources) -> Tensor");
+  m.def("token_pool_2d(Tensor x, int[] grids, int[] out_grids, str mode, bool class_token) -> Tensor");
+  m.def("token_pool_2d_backward(Tensor grad_out, int[] grids, int[] out_grids, str mode, bool class_token) -> Tensor");
+  m.def("patch_merge_2x2(Tensor x, int[] grids) -> Tensor");
+  m.def("patch_merge_2x2_backward(Tensor grad_out, int[] grids) -> Tensor");
 }
 
 // Ops with a backend kernel of each kind; the C++ functions are named vlcore::<op>_cpu and <op>_cuda.
 #define VLCORE_CPU_OPS(X) \
-  X(seq_pack) X(seq_unpack) X(scatter_image_embeds) X(scatter_image_embeds_backward)
+  X(seq_pack) X(seq_unpack) X(scatter_image_embeds) X(scatter_image_embeds_backward) \
+  X(tome_match) X(tome_merge) X(tome_merge_backward) X(tome_unmerge) X(token_pool_2d) \
+  X(token_pool_2d_backward) X(patch_merge_2x2) X(patch_merge_2x2_backward)
 #define VLCORE_CUDA_OPS(X) \
-  X(seq_pack) X(seq_unpack) X(scatter_image_embeds) X(scatter_image_embeds_backward)
+  X(seq_pack) X(seq_unpack) X(scatter_image_embeds) X(scatter_image_embeds_backward) \
+  X(tome_match) X(tome_merge) X(tome_merge_backward) X(tome_unmerge) X(token_pool_2d) \
+  X(token_pool_2d_backward) X(patch_merge_2x2) X(patch_merge_2x2_backward)
 
 TORCH_LIBRARY_IMPL(vlcore, CPU, m) {
 #define VLCORE_IMPL_CPU(op) m.impl(#op, &vlcore::op##_cpu);

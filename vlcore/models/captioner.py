@@ -17,6 +17,7 @@ from vlcore.models.text import TextTransformer
 from vlcore.models.vision import VisionTransformer
 from vlcore.nn import backend
 from vlcore.nn.attention import KVCache
+from vlcore.nn.connector import TokenPooler
 from vlcore.nn.transformer import Mlp
 from vlcore.packing import IGNORE_INDEX, PackedBatch
 
@@ -30,7 +31,9 @@ class Captioner(nn.Module):
         vision, text, connector = cfg.vision_cfg, cfg.text_cfg, cfg.connector_cfg
         self.impl = cfg.impl
         self.visual = VisionTransformer(vision, None, impl=cfg.impl)
-        merged_width = vision.width * (4 if connector.kind == "merge_2x2" else 1)
+        # The token reduction (pooling / 2x2 merger) has no parameters; norm and projector stay here.
+        self.pooler = TokenPooler(connector.kind, output_hw=connector.output_hw, impl=cfg.impl)
+        merged_width = self.pooler.channels_out(vision.width)
         # Qwen2-VL's merger normalises the four concatenated tokens before its MLP.
         self.merge_norm = nn.LayerNorm(merged_width, eps=vision.norm_eps) if connector.kind == "merge_2x2" else None
         self.projector = Mlp(merged_width, text.width, text.width, act="gelu")
@@ -51,12 +54,9 @@ class Captioner(nn.Module):
         vision, connector = self.config.vision_cfg, self.config.connector_cfg
         tokens, _ = self.visual.forward_tokens(images)
         tokens = tokens[:, int(vision.class_token):]  # the connector works on the patch grid
-        grid = (vision.grid_size, vision.grid_size)
-        if connector.kind in ("avg_pool", "bilinear"):
-            tokens = backend.token_pool_2d(tokens, grid, output_hw=tuple(connector.output_hw),
-                                           mode="avg" if connector.kind == "avg_pool" else "bilinear", impl=self.impl)
-        elif connector.kind == "merge_2x2":
-            tokens = self.merge_norm(backend.patch_merge_2x2(tokens, grid, impl=self.impl))
+        tokens = self.pooler(tokens, (vision.grid_size, vision.grid_size))
+        if self.merge_norm is not None:
+            tokens = self.merge_norm(tokens)
         return self.projector(tokens)
 
     def sample(self, caption_ids: Sequence[int], prompt_ids: Sequence[int] = ()) -> dict:

@@ -1,0 +1,306 @@
+#pragma once
+// Shared by the CPU and CUDA backends of the token_merge family: argument checks, and the per-image
+// layout tables that both backends derive from host ints (sequence lengths, r, grids), so that no op ever
+// reads a size back from the device.
+//
+// Layouts. Every op works on packed token rows: a dense batch [B, N, C] is passed as [B*N, C] with B
+// images of N tokens, a varlen batch as [T, C] with images of seqlens[b] tokens back to back.
+//
+// ToMe (vlp.md §2.2). Image b with n tokens, p = class_token + distill_token protected tokens and
+// r_b = clamp(r, 0, (n - p) / 2): A = even tokens (Na = ceil(n/2)), B = odd tokens (Nb = floor(n/2)).
+// With r_b > 0 the image's output is [unmerged A (Na - r_b, ToMe's order), all B (Nb)]; with r_b = 0 it is the
+// image unchanged (ToMe's do_nothing). The match is stored as
+//   unmerged [sum(Na - r_b)]  A indices (local to the image) kept, in output order
+//   src, dst [sum(r_b)]       merged A indices (edge order: score descending, ties to the lower index) and
+//                             the B index each merges into
+//   dest [T]                  output row (global) of every input row
+//   offsets [T' + 1], sources [T]  the inverse (CSR): output row j gathers input rows
+//                             sources[offsets[j] .. offsets[j+1]), destination first, then the merged A rows
+//                             in ascending order.
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "common/checks.h"
+
+namespace vlcore::token_merge_detail {
+
+// One image of a ToMe batch.
+struct TomeSegment {
+  int64_t in_start, n, r, out_start, r_start, u_start;  // u_start: first entry in `unmerged`
+};
+
+struct TomePlan {
+  std::vector<TomeSegment> segs;
+  int64_t total_in = 0, total_out = 0, total_r = 0, total_unmerged = 0;
+  bool uniform = true;  // every image has the same n and r (dense batch): kernels compute offsets
+};
+
+inline int64_t tome_cap(int64_t n, int64_t r, bool class_token, bool distill_token) {
+  const int64_t protected_tokens = int64_t(class_token) + int64_t(distill_token);
+  return std::max<int64_t>(0, std::min<int64_t>(r, (n - protected_tokens) / 2));
+}
+
+inline TomePlan tome_plan(const char* op, c10::IntArrayRef seqlens, c10::IntArrayRef r, bool class_token,
+                          bool distill_token) {
+  VLCORE_CHECK(r.size() == seqlens.size() || r.size() == 1, op, "r must hold one value or one per image (",
+               seqlens.size(), "), got ", r.size());
+  TomePlan p;
+  p.segs.reserve(seqlens.size());
+  for (size_t b = 0; b < seqlens.size(); ++b) {
+    const int64_t n = seqlens[b], rb = r.size() == 1 ? r[0] : r[b];
+    VLCORE_CHECK(n >= 0, op, "seqlens[", b, "] must be >= 0, got ", n);
+    VLCORE_CHECK(rb >= 0, op, "r must be >= 0, got r = ", rb, r.size() == 1 ? "" : " for image ", r.size() == 1 ? "" : std::to_string(b));
+    const int64_t rc = tome_cap(n, rb, class_token, distill_token);
+    p.segs.push_back({p.total_in, n, rc, p.total_out, p.total_r, p.total_unmerged});
+    p.total_in += n;
+    p.total_out += n - rc;
+    p.total_r += rc;
+    p.total_unmerged += (n + 1) / 2 - rc;
+    if (b > 0 && (n != p.segs[0].n || rc != p.segs[0].r)) p.uniform = false;
+  }
+  return p;
+}
+
+inline void check_metric(const char* op, const at::Tensor& metric, const TomePlan& p) {
+  VLCORE_CHECK(metric.dim() == 2, op, "metric must have shape (total_tokens, c), got ", metric.sizes());
+  VLCORE_CHECK(at::isFloatingType(metric.scalar_type()), op, "metric must be floating point, got ",
+               metric.scalar_type());
+  VLCORE_CHECK(metric.size(0) == p.total_in, op, "metric has ", metric.size(0),
+               " rows but seqlens add up to ", p.total_in, " tokens");
+}
+
+// The index maps of a match as given to merge / unmerge.
+inline void check_maps(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& dest,
+                       const at::Tensor& offsets, const at::Tensor& sources, int64_t total_in, int64_t total_out) {
+  for (auto [t, name] : {std::pair{&dest, "dest"}, {&offsets, "offsets"}, {&sources, "sources"}}) {
+    VLCORE_CHECK(t->scalar_type() == at::kLong, op, name, " must be int64, got ", t->scalar_type());
+    VLCORE_CHECK(t->dim() == 1, op, name, " must be 1-D, got shape ", t->sizes());
+    check_same_device(op, ref, ref_name, *t, name);
+  }
+  VLCORE_CHECK(dest.size(0) == total_in && sources.size(0) == total_in, op, "dest and sources must have one entry ",
+               "per input token (", total_in, "), got ", dest.size(0), " and ", sources.size(0));
+  VLCORE_CHECK(offsets.size(0) == total_out + 1, op, "offsets must have one entry per output token plus one (",
+               total_out + 1, "), got ", offsets.size(0));
+}
+
+enum class MergeMode { kWavg = 0, kMean = 1, kSum = 2, kAmax = 3 };
+
+inline MergeMode parse_mode(const char* op, c10::string_view mode) {
+  if (mode == "wavg") return MergeMode::kWavg;
+  if (mode == "mean") return MergeMode::kMean;
+  if (mode == "sum") return MergeMode::kSum;
+  if (mode == "amax") return MergeMode::kAmax;
+  VLCORE_CHECK(false, op, "mode must be 'wavg', 'mean', 'sum' or 'amax', got '", std::string(mode), "'");
+  return MergeMode::kWavg;
+}
+
+// x [T, C] and its optional size [T] (the patches behind each token).
+inline void check_merge_inputs(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& size) {
+  VLCORE_CHECK(x.dim() == 2, op, "x must have shape (total_tokens, C), got ", x.sizes());
+  VLCORE_CHECK(at::isFloatingType(x.scalar_type()), op, "x must be floating point, got ", x.scalar_type());
+  if (size) {
+    VLCORE_CHECK(size->dim() == 1 && size->size(0) == x.size(0), op, "size must have shape (", x.size(0),
+                 ",): one entry per token of x, got ", size->sizes());
+    VLCORE_CHECK(size->scalar_type() == x.scalar_type(), op, "size must have the dtype of x (", x.scalar_type(),
+                 "), got ", size->scalar_type());
+    check_same_device(op, x, "x", *size, "size");
+  }
+}
+
+struct MergeArgs {
+  int64_t total_in, total_out, c;
+  MergeMode mode;
+};
+
+// tome_merge(x [T, C], size [T]?, dest [T], offsets [T' + 1], sources [T], mode).
+inline MergeArgs check_merge(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& size,
+                             const at::Tensor& dest, const at::Tensor& offsets, const at::Tensor& sources,
+                             c10::string_view mode) {
+  check_merge_inputs(op, x, size);
+  const MergeMode m = parse_mode(op, mode);
+  VLCORE_CHECK(offsets.dim() == 1 && offsets.numel() >= 1, op, "offsets must be 1-D and non-empty, got ", offsets.sizes());
+  const MergeArgs a{x.size(0), offsets.numel() - 1, x.size(1), m};
+  check_maps(op, x, "x", dest, offsets, sources, a.total_in, a.total_out);
+  return a;
+}
+
+// tome_merge_backward: the forward's arguments plus grad_out / out [T', C] and grad_size [T']?.
+inline MergeArgs check_merge_backward(const char* op, const at::Tensor& grad_out,
+                                      const c10::optional<at::Tensor>& grad_size, const at::Tensor& x,
+                                      const c10::optional<at::Tensor>& size, const at::Tensor& out,
+                                      const at::Tensor& dest, const at::Tensor& offsets, const at::Tensor& sources,
+                                      c10::string_view mode) {
+  const MergeArgs a = check_merge(op, x, size, dest, offsets, sources, mode);
+  VLCORE_CHECK(grad_out.sizes() == out.sizes() && out.dim() == 2 && out.size(0) == a.total_out && out.size(1) == a.c,
+               op, "grad_out and out must have shape (", a.total_out, ", ", a.c, "), got ", grad_out.sizes(), " and ",
+               out.sizes());
+  VLCORE_CHECK(!grad_size || (grad_size->dim() == 1 && grad_size->size(0) == a.total_out), op,
+               "grad_size must have shape (", a.total_out, ",)");
+  return a;
+}
+
+// tome_unmerge(x [T', C], dest, offsets, sources): returns (total_in, total_out).
+inline std::pair<int64_t, int64_t> check_unmerge(const char* op, const at::Tensor& x, const at::Tensor& dest,
+                                                 const at::Tensor& offsets, const at::Tensor& sources) {
+  VLCORE_CHECK(x.dim() == 2, op, "x must have shape (merged_tokens, C), got ", x.sizes());
+  VLCORE_CHECK(offsets.dim() == 1 && offsets.numel() >= 1, op, "offsets must be 1-D and non-empty, got ", offsets.sizes());
+  const int64_t total_out = x.size(0), total_in = dest.numel();
+  VLCORE_CHECK(offsets.numel() == total_out + 1, op, "x has ", total_out, " rows but the match merges to ",
+               offsets.numel() - 1, " tokens");
+  check_maps(op, x, "x", dest, offsets, sources, total_in, total_out);
+  return {total_in, total_out};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Token grids (pooling and the 2x2 merger).
+
+struct GridSegment {
+  int64_t in_start, h, w, out_start, oh, ow;
+};
+
+struct GridPlan {
+  std::vector<GridSegment> segs;
+  int64_t total_in = 0, total_out = 0;
+  bool uniform = true;
+};
+
+enum class PoolMode { kAvg = 0, kBilinear = 1 };
+
+inline PoolMode parse_pool_mode(const char* op, c10::string_view mode) {
+  if (mode == "avg") return PoolMode::kAvg;
+  if (mode == "bilinear") return PoolMode::kBilinear;
+  VLCORE_CHECK(false, op, "mode must be 'avg' or 'bilinear', got '", std::string(mode), "'");
+  return PoolMode::kAvg;
+}
+
+// grids / out_grids: flat (h, w) pairs, one pair per image. class_token: each image's first row is a class
+// token that is passed through (it precedes the grid in the input and in the output).
+inline GridPlan grid_plan(const char* op, c10::IntArrayRef grids, c10::IntArrayRef out_grids, bool class_token) {
+  VLCORE_CHECK(grids.size() % 2 == 0, op, "grids must hold (h, w) pairs, got ", grids.size(), " values");
+  VLCORE_CHECK(out_grids.size() == grids.size(), op, "output grids must hold one (h, w) pair per image (",
+               grids.size(), " values), got ", out_grids.size());
+  GridPlan p;
+  const int64_t extra = class_token ? 1 : 0;
+  for (size_t i = 0; i < grids.size() / 2; ++i) {
+    const int64_t h = grids[2 * i], w = grids[2 * i + 1], oh = out_grids[2 * i], ow = out_grids[2 * i + 1];
+    VLCORE_CHECK(h >= 0 && w >= 0, op, "grid of image ", i, " must be non-negative, got ", h, "x", w);
+    VLCORE_CHECK(oh >= 0 && ow >= 0, op, "output grid of image ", i, " must be non-negative, got ", oh, "x", ow);
+    VLCORE_CHECK(h * w > 0 || oh * ow == 0, op, "image ", i,
+                 " has an empty grid ", h, "x", w, " but a non-empty output grid ", oh, "x", ow);
+    p.segs.push_back({p.total_in, h, w, p.total_out, oh, ow});
+    p.total_in += h * w + extra;
+    p.total_out += oh * ow + extra;
+    if (i > 0 && (h != p.segs[0].h || w != p.segs[0].w || oh != p.segs[0].oh || ow != p.segs[0].ow)) p.uniform = false;
+  }
+  return p;
+}
+
+#ifdef __CUDACC__
+#define VLCORE_HD __host__ __device__
+#else
+#define VLCORE_HD
+#endif
+
+// Adaptive average pooling window [start, end) of output index o (PyTorch's rule), and the output indices
+// whose window contains input index i: [first_window, last_window].
+VLCORE_HD inline int64_t pool_start(int64_t o, int64_t in, int64_t out) { return (o * in) / out; }
+VLCORE_HD inline int64_t pool_end(int64_t o, int64_t in, int64_t out) { return ((o + 1) * in + out - 1) / out; }
+VLCORE_HD inline int64_t first_window(int64_t i, int64_t in, int64_t out) { return (i * out) / in; }
+VLCORE_HD inline int64_t last_window(int64_t i, int64_t in, int64_t out) {
+  const int64_t o = ((i + 1) * out + in - 1) / in - 1;
+  return o < out - 1 ? o : out - 1;
+}
+
+// Bilinear (align_corners=False) source of output index o as PyTorch's upsample_bilinear2d computes it:
+// src = max(0, (in / out) (o + 0.5) - 0.5), rows i0 = floor(src) and i1 = i0 + (i0 < in - 1) with weights
+// l0 = 1 - l1 and l1 = src - i0. acc_t is PyTorch's opmath type (float, or double for double).
+template <typename acc_t>
+struct Lerp {
+  int64_t i0, i1;
+  acc_t l0, l1;
+};
+
+template <typename acc_t>
+VLCORE_HD inline Lerp<acc_t> bilinear_source(int64_t o, int64_t in, int64_t out) {
+  const acc_t scale = static_cast<acc_t>(in) / static_cast<acc_t>(out);
+  acc_t src = scale * (static_cast<acc_t>(o) + acc_t(0.5)) - acc_t(0.5);
+  if (src < acc_t(0)) src = acc_t(0);
+  int64_t i0 = static_cast<int64_t>(src);
+  if (i0 > in - 1) i0 = in - 1;
+  acc_t l1 = src - static_cast<acc_t>(i0);
+  l1 = l1 < acc_t(0) ? acc_t(0) : (l1 > acc_t(1) ? acc_t(1) : l1);
+  return {i0, i0 + (i0 < in - 1 ? 1 : 0), acc_t(1) - l1, l1};
+}
+
+// The bilinear weight of input index i in output index o (0 when o does not read i).
+template <typename acc_t>
+VLCORE_HD inline acc_t bilinear_weight(int64_t i, int64_t o, int64_t in, int64_t out) {
+  const Lerp<acc_t> s = bilinear_source<acc_t>(o, in, out);
+  return (s.i0 == i ? s.l0 : acc_t(0)) + (s.i1 == i ? s.l1 : acc_t(0));
+}
+
+// Output indices that may read input index i in bilinear mode: [lo, hi] (a superset; weights decide).
+VLCORE_HD inline void bilinear_readers(int64_t i, int64_t in, int64_t out, int64_t& lo, int64_t& hi) {
+  // src(o) in (i - 1, i + 1) <=> o in ((i - 0.5) out / in - 0.5, (i + 1.5) out / in - 0.5); widen by 1 for
+  // rounding and for the clamps at both borders.
+  lo = ((i - 1) * out) / in - 2;
+  hi = ((i + 2) * out) / in + 1;
+  if (lo < 0) lo = 0;
+  if (hi > out - 1) hi = out - 1;
+}
+
+// Backward of either pooling mode: the weight of input index i in output index o along one axis, and the
+// output indices that may read i (a superset: the weights decide).
+template <typename acc_t>
+VLCORE_HD inline acc_t pool_weight(bool bilinear, int64_t i, int64_t o, int64_t in, int64_t out) {
+  if (bilinear) return bilinear_weight<acc_t>(i, o, in, out);
+  const int64_t a = pool_start(o, in, out), b = pool_end(o, in, out);
+  return (a <= i && i < b) ? acc_t(1) / acc_t(b - a) : acc_t(0);
+}
+
+VLCORE_HD inline void pool_readers(bool bilinear, int64_t i, int64_t in, int64_t out, int64_t& lo, int64_t& hi) {
+  if (bilinear) {
+    bilinear_readers(i, in, out, lo, hi);
+  } else {
+    lo = first_window(i, in, out);
+    hi = last_window(i, in, out);
+  }
+}
+
+// Checks of the pooling / merger inputs (x, or grad_out for the backward) against their grids.
+inline GridPlan check_pool(const char* op, const at::Tensor& x, c10::IntArrayRef grids, c10::IntArrayRef out_grids,
+                    bool class_token, bool input_is_grid) {
+  const char* name = input_is_grid ? "x" : "grad_out";
+  VLCORE_CHECK(x.dim() == 2, op, name, " must have shape (total_tokens, C), got ", x.sizes());
+  VLCORE_CHECK(at::isFloatingType(x.scalar_type()), op, name, " must be floating point, got ", x.scalar_type());
+  const GridPlan p = grid_plan(op, grids, out_grids, class_token);
+  const int64_t want = input_is_grid ? p.total_in : p.total_out;
+  VLCORE_CHECK(x.size(0) == want, op, name, " has ", x.size(0), " rows but the grids",
+               class_token ? " (plus one class token per image)" : "", " hold ", want, " tokens");
+  return p;
+}
+
+inline GridPlan check_merge_2x2(const char* op, const at::Tensor& t, c10::IntArrayRef grids, bool forward) {
+  const char* name = forward ? "x" : "grad_out";
+  VLCORE_CHECK(t.dim() == 2, op, name, " must have shape (", forward ? "total_tokens, C" : "total_tokens / 4, 4 C",
+               "), got ", t.sizes());
+  std::vector<int64_t> halves(grids.begin(), grids.end());
+  for (size_t i = 0; i < halves.size(); ++i) {
+    VLCORE_CHECK(halves[i] % 2 == 0, op, "grids must be even (the merger takes 2x2 cells), got ",
+                 i % 2 ? "w" : "h", " = ", halves[i], " for image ", i / 2);
+    halves[i] /= 2;
+  }
+  const GridPlan p = grid_plan(op, grids, halves, false);
+  if (forward) {
+    VLCORE_CHECK(t.size(0) == p.total_in, op, "x has ", t.size(0), " rows but the grids hold ", p.total_in, " tokens");
+  } else {
+    VLCORE_CHECK(t.size(0) == p.total_out && t.size(1) % 4 == 0, op, "grad_out must have shape (", p.total_out,
+                 ", 4 C), got ", t.sizes());
+  }
+  return p;
+}
+
+}  // namespace vlcore::token_merge_detail
