@@ -22,12 +22,23 @@ TORCH_LIBRARY(vlcore, m) {
   m.def("seq_unpack(Tensor packed, Tensor cu_seqlens, int padded_len, Scalar pad_value) -> Tensor");
   m.def("scatter_image_embeds(Tensor text_embeds, Tensor image_embeds, Tensor image_positions) -> Tensor");
   m.def("scatter_image_embeds_backward(Tensor grad_out, Tensor image_positions) -> (Tensor, Tensor)");
+
+  m.set_python_module("vlcore.ops.nvfp4");
+  m.def("nvfp4_quantize(Tensor x, bool rowwise, bool columnwise, bool block_2d, bool rht_rowwise, "
+        "bool rht_columnwise, bool stochastic, int seed, int offset, Tensor? amax_rowwise, Tensor? amax_columnwise, "
+        "bool swizzle_scales) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("nvfp4_dequantize(Tensor codes, Tensor scales, Tensor amax, ScalarType dtype) -> Tensor");
+  m.def("nvfp4_gemm(Tensor a_codes, Tensor a_scales, Tensor a_amax, Tensor b_codes, Tensor b_scales, "
+        "Tensor b_amax, ScalarType out_dtype) -> Tensor");
+  m.def("hadamard_transform(Tensor x, bool inverse, int sign_mask) -> Tensor");
 }
 
 // Ops with a backend kernel of each kind; the C++ functions are named vlcore::<op>_cpu and <op>_cuda.
 #define VLCORE_CPU_OPS(X) \
+  X(nvfp4_quantize) X(nvfp4_dequantize) X(nvfp4_gemm) X(hadamard_transform) \
   X(seq_pack) X(seq_unpack) X(scatter_image_embeds) X(scatter_image_embeds_backward)
 #define VLCORE_CUDA_OPS(X) \
+  X(nvfp4_quantize) X(nvfp4_dequantize) X(nvfp4_gemm) X(hadamard_transform) \
   X(seq_pack) X(seq_unpack) X(scatter_image_embeds) X(scatter_image_embeds_backward)
 
 TORCH_LIBRARY_IMPL(vlcore, CPU, m) {
