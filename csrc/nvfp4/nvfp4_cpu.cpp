@@ -7,6 +7,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -17,6 +18,11 @@
 namespace vlcore {
 namespace {
 using namespace nvfp4;
+
+// Grain sizes that keep small tensors on one thread: OpenMP fork/join costs far more than quantizing a
+// few thousand elements, and much more again on an oversubscribed machine.
+constexpr int64_t kMinElementsPerThread = 1 << 16;
+int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(1, work_per_item)); }
 using namespace nvfp4_detail;
 
 struct Orientation {
@@ -31,7 +37,7 @@ void quantize_matrix(std::vector<float>& src, int64_t rows, int64_t cols, const 
                      uint8_t* scales, float* amax_out) {
   const int64_t blocks_per_row = cols / kBlock;
   if (o.rht) {
-    at::parallel_for(0, rows * blocks_per_row, 1024, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, rows * blocks_per_row, grain(kBlock), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         float* v = src.data() + b * kBlock;
         hadamard16_forward(v, kDefaultSignMask);
@@ -60,7 +66,7 @@ void quantize_matrix(std::vector<float>& src, int64_t rows, int64_t cols, const 
       }
     }
   }
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, grain(cols), [&](int64_t r0, int64_t r1) {
     uint32_t rand[kBlock] = {};
     for (int64_t r = r0; r < r1; ++r) {
       for (int64_t b = 0; b < blocks_per_row; ++b) {
@@ -92,7 +98,7 @@ template <typename T>
 void hadamard_rows(const T* in, T* out, int64_t blocks, bool inverse, uint32_t mask) {
   // Compute type: double for double input (gradcheck), FP32 otherwise (the type of the quantize path).
   using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  at::parallel_for(0, blocks, 1024, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks, grain(kBlock), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       acc_t v[kBlock];
       for (int i = 0; i < kBlock; ++i) v[i] = static_cast<acc_t>(in[b * kBlock + i]);
@@ -153,7 +159,7 @@ at::Tensor nvfp4_dequantize_cpu(const at::Tensor& codes, const at::Tensor& scale
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const uint8_t* sp = s.data_ptr<uint8_t>();
   float* op = out32.data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, grain(cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       for (int64_t i = 0; i < cols; ++i) {
         const uint8_t byte = qp[r * (cols / 2) + i / 2];
@@ -193,7 +199,7 @@ at::Tensor nvfp4_gemm_cpu(const at::Tensor& a_codes, const at::Tensor& a_scales,
                       (nvfp4::kFp4Fp8Max * nvfp4::kFp4Fp8Max);
   at::Tensor out32 = at::empty({m, n}, a_codes.options().dtype(at::kFloat));
   float* op = out32.data_ptr<float>();
-  at::parallel_for(0, m, 1, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, m, std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(1, n * k)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       for (int64_t c = 0; c < n; ++c) {
         // Each 16-element partial sum is exact in FP32 (common factor sa*sb times a sum of e2m1
