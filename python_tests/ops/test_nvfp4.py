@@ -190,6 +190,12 @@ def test_nvfp4_quantize_edge_cases(device):
         q = ops.nvfp4_quantize(x, stochastic=sr, seed=3)
         assert q.rowwise.codes[2, 2].item() & 0xF == 0x7
 
+    # E2M1 ties go to the even code: with amax 2688 (S_enc = 1) and block amax 6 (sb = 1) x is encoded as is
+    ties = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5.0, -6.0])
+    q = ops.nvfp4_quantize(ties.reshape(1, 16).to(device), amax_rowwise=torch.tensor(2688.0, device=device)).rowwise
+    codes = torch.stack((q.codes.cpu() & 0xF, q.codes.cpu() >> 4), dim=2).reshape(-1).tolist()
+    assert codes == [7, 0, 2, 2, 4, 4, 6, 6, 8, 10, 10, 12, 12, 14, 14, 15]
+
     # negative values that round to zero keep the sign: code 0x8
     x = torch.full((1, 16), -0.01, device=device)
     x[0, 0] = 6.0
@@ -208,6 +214,34 @@ def test_nvfp4_e4m3_scale_rounding_matches_torch_cast():
     got = ops.nvfp4_quantize(x, amax_rowwise=amax).rowwise.scales[:, 0]
     want = (vals * (torch.tensor(1.0) / torch.tensor(6.0))).clamp(max=448).to(torch.float8_e4m3fn).view(torch.uint8)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nvfp4_block_scale_product_order(device):
+    # sb = e4m3(amax_b * (S_enc * fl32(1/6))) in exactly that order: (amax_b * S_enc) * (1/6) or
+    # (amax_b / 6) * S_enc round twice and flip the E4M3 rounding of ~0.1 % of blocks (spec §1.4, §7.4).
+    # Take every BF16 block amax in (0, amax] for a few tensor amaxes and keep the order-sensitive ones.
+    f32 = torch.float32
+    one_sixth = torch.tensor(1.0) / torch.tensor(6.0)
+    blocks, amaxes = [], []
+    for amax in (52.0, 11.5, 70.0):
+        s_enc = torch.tensor(2688.0) / torch.tensor(amax)
+        cand = torch.arange(0x3C00, 0x4400, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).to(f32)
+        cand = cand[(cand > 0) & (cand <= amax)]
+        right = (cand * (s_enc * one_sixth)).clamp(max=448).to(torch.float8_e4m3fn).view(torch.uint8)
+        wrong = ((cand * s_enc) * one_sixth).clamp(max=448).to(torch.float8_e4m3fn).view(torch.uint8)
+        sensitive = cand[right != wrong]
+        assert sensitive.numel() > 0
+        blocks.append(sensitive)
+        amaxes.append(amax)
+    for amax, vals in zip(amaxes, blocks):
+        x = torch.zeros(vals.numel(), 16, dtype=torch.bfloat16)
+        x[:, 3] = vals
+        x[:, 7] = -vals / 3
+        x = x.to(device)
+        given = torch.tensor(amax, device=device)
+        got = ops.nvfp4_quantize(x, amax_rowwise=given)
+        assert_same_quantized(got, nvfp4_quantize_ref(x.cpu(), amax_rowwise=given.cpu()))
 
 
 # ---------------------------------------------------------------------------------------------------------
