@@ -102,23 +102,12 @@ void hadamard_rows(const T* in, T* out, int64_t blocks, bool inverse, uint32_t m
     for (int64_t b = b0; b < b1; ++b) {
       acc_t v[kBlock];
       for (int i = 0; i < kBlock; ++i) v[i] = static_cast<acc_t>(in[b * kBlock + i]);
-      if (!inverse) {
-        for (int i = 0; i < kBlock; ++i) v[i] = ((mask >> i) & 1u) ? -v[i] : v[i];
+      if (inverse) {
+        hadamard16_inverse(v, mask);
+      } else {
+        hadamard16_forward(v, mask);
       }
-      for (int h = 1; h < kBlock; h <<= 1) {
-        for (int i = 0; i < kBlock; ++i) {
-          if ((i & h) == 0) {
-            const acc_t a = v[i], c = v[i + h];
-            v[i] = a + c;
-            v[i + h] = a - c;
-          }
-        }
-      }
-      for (int i = 0; i < kBlock; ++i) {
-        acc_t w = v[i] * acc_t(0.25);
-        if (inverse && ((mask >> i) & 1u)) w = -w;
-        out[b * kBlock + i] = static_cast<T>(w);
-      }
+      for (int i = 0; i < kBlock; ++i) out[b * kBlock + i] = static_cast<T>(v[i]);
     }
   });
 }

@@ -150,6 +150,14 @@ __device__ __forceinline__ void draw_bits(uint64_t seed, uint64_t offset, int or
   }
 }
 
+// 8 packed code bytes (16 elements) as one 8-byte store; dst is 8-byte aligned (row pitch % 8 == 0).
+__device__ __forceinline__ void store_codes8(uint8_t* dst, const uint8_t* packed) {
+  uint2 w;
+  w.x = packed[0] | (packed[1] << 8) | (packed[2] << 16) | (uint32_t(packed[3]) << 24);
+  w.y = packed[4] | (packed[5] << 8) | (packed[6] << 16) | (uint32_t(packed[7]) << 24);
+  *reinterpret_cast<uint2*>(dst) = w;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(const T* __restrict__ x, QuantizeParams p) {
   __shared__ float tile[kTile][kTile + 1];    // +1: conflict-free column reads
@@ -192,10 +200,7 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(const T* __res
     if (p.stochastic) draw_bits(p.seed, p.offset, 0, static_cast<uint64_t>(r * p.cols + c), rand);
     uint8_t packed[8];
     const uint8_t scale = quantize_block16(v, block_amax, s_enc, s_dec, p.stochastic, rand, packed);
-    uint2 w;
-    w.x = packed[0] | (packed[1] << 8) | (packed[2] << 16) | (uint32_t(packed[3]) << 24);
-    w.y = packed[4] | (packed[5] << 8) | (packed[6] << 16) | (uint32_t(packed[7]) << 24);
-    *reinterpret_cast<uint2*>(p.codes + r * (p.cols / 2) + c / 2) = w;  // 8-byte aligned: cols/2 % 8 == 0
+    store_codes8(p.codes + r * (p.cols / 2) + c / 2, packed);
     const int64_t blocks_per_row = p.cols / kBlock;
     p.scales[p.swizzle ? swizzled_scale_index(r, c / kBlock, blocks_per_row) : r * blocks_per_row + c / kBlock] = scale;
   }
@@ -223,10 +228,7 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(const T* __res
       if (p.stochastic) draw_bits(p.seed, p.offset, 1, static_cast<uint64_t>(col * p.rows + row), rand);
       uint8_t packed[8];
       const uint8_t scale = quantize_block16(w, block_amax, s_enc, s_dec, p.stochastic, rand, packed);
-      uint2 q;
-      q.x = packed[0] | (packed[1] << 8) | (packed[2] << 16) | (uint32_t(packed[3]) << 24);
-      q.y = packed[4] | (packed[5] << 8) | (packed[6] << 16) | (uint32_t(packed[7]) << 24);
-      *reinterpret_cast<uint2*>(p.codes_t + col * (p.rows / 2) + row / 2) = q;
+      store_codes8(p.codes_t + col * (p.rows / 2) + row / 2, packed);
       const int64_t blocks_per_row = p.rows / kBlock;
       p.scales_t[p.swizzle ? swizzled_scale_index(col, row / kBlock, blocks_per_row)
                            : col * blocks_per_row + row / kBlock] = scale;
@@ -266,27 +268,14 @@ __global__ void hadamard_kernel(const T* __restrict__ x, T* __restrict__ out, in
   for (int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; b < blocks; b += int64_t(gridDim.x) * blockDim.x) {
     acc_t v[16];
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      v[i] = static_cast<acc_t>(x[b * 16 + i]);
-      if (!inverse && ((mask >> i) & 1u)) v[i] = -v[i];
+    for (int i = 0; i < 16; ++i) v[i] = static_cast<acc_t>(x[b * 16 + i]);
+    if (inverse) {
+      hadamard16_inverse(v, mask);
+    } else {
+      hadamard16_forward(v, mask);
     }
 #pragma unroll
-    for (int h = 1; h < 16; h <<= 1) {
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        if ((i & h) == 0) {
-          const acc_t a = v[i], c = v[i + h];
-          v[i] = a + c;
-          v[i + h] = a - c;
-        }
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      acc_t w = v[i] * acc_t(0.25);
-      if (inverse && ((mask >> i) & 1u)) w = -w;
-      out[b * 16 + i] = static_cast<T>(w);
-    }
+    for (int i = 0; i < 16; ++i) out[b * 16 + i] = static_cast<T>(v[i]);
   }
 }
 

@@ -209,13 +209,15 @@ NVFP4_HD int64_t swizzled_scale_index(int64_t row, int64_t col, int64_t scale_co
 // The FP32 sums are taken in the order of the 4-stage butterfly (exact whenever the block's dynamic
 // range fits the FP32 mantissa, so then equal to any order); the 1/4 is exact.
 
-NVFP4_HD void walsh_hadamard16(float* v) {
+// F is float for the quantize path; the standalone transform also runs in double (gradcheck).
+template <typename F>
+NVFP4_HD void walsh_hadamard16(F* v) {
 #pragma unroll
   for (int h = 1; h < 16; h <<= 1) {
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
       if ((i & h) == 0) {
-        const float a = v[i], b = v[i + h];
+        const F a = v[i], b = v[i + h];
         v[i] = a + b;
         v[i + h] = a - b;
       }
@@ -223,20 +225,22 @@ NVFP4_HD void walsh_hadamard16(float* v) {
   }
 }
 
-NVFP4_HD void hadamard16_forward(float* v, uint32_t sign_mask) {
+template <typename F>
+NVFP4_HD void hadamard16_forward(F* v, uint32_t sign_mask) {
 #pragma unroll
   for (int i = 0; i < 16; ++i) v[i] = ((sign_mask >> i) & 1u) ? -v[i] : v[i];
   walsh_hadamard16(v);
 #pragma unroll
-  for (int i = 0; i < 16; ++i) v[i] = v[i] * 0.25f;
+  for (int i = 0; i < 16; ++i) v[i] = v[i] * F(0.25);
 }
 
 // x = y . R^T = y . H16 diag(s) / 4
-NVFP4_HD void hadamard16_inverse(float* v, uint32_t sign_mask) {
+template <typename F>
+NVFP4_HD void hadamard16_inverse(F* v, uint32_t sign_mask) {
   walsh_hadamard16(v);
 #pragma unroll
   for (int i = 0; i < 16; ++i) {
-    const float w = v[i] * 0.25f;
+    const F w = v[i] * F(0.25);
     v[i] = ((sign_mask >> i) & 1u) ? -w : w;
   }
 }
