@@ -163,12 +163,13 @@ def synthetic_batches(model, batch, steps, device, seed=0, words=16, per_caption
         yield images.to(device), tok(captions, model.context_length).to(device)
 
 
-def train_clip(name, steps, batch, device, nvfp4, lr):
+def train_clip(name, steps, batch, device, nvfp4, lr, layers=None):
     from vlcore.models import create_model
     from vlcore.models.losses import ClipLoss
 
     torch.manual_seed(0)
-    model = create_model(name).to(device)
+    overrides = {"vision_cfg": {"layers": layers}, "text_cfg": {"layers": layers}} if layers else {}
+    model = create_model(name, **overrides).to(device)
     report = convert(model) if nvfp4 else None
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     loss_fn = ClipLoss()
@@ -196,10 +197,10 @@ def bench_convergence(args, rows, table, dev):
     tail = max(1, steps // 10)
     results = {}
     for label, nvfp4 in (("full precision" if dev.type == "cpu" else "bf16 autocast", False), ("NVFP4 recipe", True)):
-        losses, seconds, report = train_clip(model, steps, args.batch, dev, nvfp4, args.lr)
+        losses, seconds, report = train_clip(model, steps, args.batch, dev, nvfp4, args.lr, args.layers)
         final = losses[-tail:].mean().item()
         results[label] = final
-        extra = f"steps={steps} batch={args.batch} lr={args.lr} first={losses[:tail].mean().item():.4f} s={seconds:.1f}"
+        extra = f"layers={args.layers} steps={steps} batch={args.batch} lr={args.lr} first={losses[:tail].mean().item():.4f} s={seconds:.1f}"
         if report is not None:
             extra += f" converted={len(report.converted)} frac={report.fraction_converted:.2f} guard={report.guard}"
         rows.append(Row("nvfp4_convergence", label, "full", "final loss", "loss", "model", model, final,
@@ -217,6 +218,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--layers", type=int, default=None, help="convergence: override both towers' depth")
     args = parser.parse_args(argv)
     dev = torch.device(args.device)
     if dev.type == "cuda" and not vlcore.cuda_available():

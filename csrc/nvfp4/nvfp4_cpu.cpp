@@ -5,6 +5,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
@@ -171,38 +172,56 @@ at::Tensor nvfp4_gemm_cpu(const at::Tensor& a_codes, const at::Tensor& a_scales,
     const int64_t rows = codes.size(0), cols = 2 * codes.size(1);
     const at::Tensor q = codes.contiguous();
     const at::Tensor s = scales.view(at::kByte).contiguous();
-    std::vector<float> out(rows * cols);
+    at::Tensor out = at::empty({rows, cols}, codes.options().dtype(at::kFloat));
     const uint8_t* qp = q.data_ptr<uint8_t>();
     const uint8_t* sp = s.data_ptr<uint8_t>();
+    float* op = out.data_ptr<float>();
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t i = 0; i < cols; ++i) {
         const uint8_t byte = qp[r * (cols / 2) + i / 2];
-        out[r * cols + i] = nvfp4::e2m1_to_float((i & 1) ? (byte >> 4) : (byte & 0xF)) *
-                            nvfp4::e4m3_to_float(sp[r * (cols / 16) + i / 16]);
+        op[r * cols + i] = nvfp4::e2m1_to_float((i & 1) ? (byte >> 4) : (byte & 0xF)) *
+                           nvfp4::e4m3_to_float(sp[r * (cols / 16) + i / 16]);
       }
     }
     return out;
   };
-  const std::vector<float> a = decode(a_codes, a_scales), b = decode(b_codes, b_scales);
+  const int64_t k_blocks = k / 16;
+  const at::Tensor a = decode(a_codes, a_scales), b = decode(b_codes, b_scales);
   const float alpha = a_amax.reshape({}).item<float>() * b_amax.reshape({}).item<float>() /
                       (nvfp4::kFp4Fp8Max * nvfp4::kFp4Fp8Max);
-  at::Tensor out32 = at::empty({m, n}, a_codes.options().dtype(at::kFloat));
-  float* op = out32.data_ptr<float>();
-  at::parallel_for(0, m, std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(1, n * k)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
+  // Each 16-element partial sum is exact in FP32 whatever the order (a common factor sa*sb times a sum of
+  // 16 e2m1 products, < 2^12 units); the partials are added block after block in FP32, the accumulation
+  // of the tensor-core GEMM (TE's reference qgemm does the same). Two schedules, the same bits: a plain
+  // loop for small products (no thread-pool overhead), batched matmuls for the partials of large ones.
+  at::Tensor acc = at::zeros({m, n}, a_codes.options().dtype(at::kFloat));
+  if (m * n * k <= (int64_t(1) << 22)) {
+    const float* ap = a.data_ptr<float>();
+    const float* bp = b.data_ptr<float>();
+    float* cp = acc.data_ptr<float>();
+    for (int64_t r = 0; r < m; ++r) {
       for (int64_t c = 0; c < n; ++c) {
-        // Each 16-element partial sum is exact in FP32 (common factor sa*sb times a sum of e2m1
-        // products); the sum over blocks is the FP32 accumulation of the tensor-core GEMM.
-        float acc = 0.0f;
+        float sum = 0.0f;
         for (int64_t kb = 0; kb < k; kb += 16) {
           float partial = 0.0f;
-          for (int i = 0; i < 16; ++i) partial += a[r * k + kb + i] * b[c * k + kb + i];
-          acc += partial;
+          for (int i = 0; i < 16; ++i) partial += ap[r * k + kb + i] * bp[c * k + kb + i];
+          sum += partial;
         }
-        op[r * n + c] = alpha * acc;
+        cp[r * n + c] = sum;
       }
     }
-  });
+  } else {
+    const at::Tensor a3 = a.view({m, k_blocks, 16}).transpose(0, 1);   // [KB, M, 16]
+    const at::Tensor b3 = b.view({n, k_blocks, 16}).permute({1, 2, 0});  // [KB, 16, N]
+    const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 24) / std::max<int64_t>(1, m * n));  // <= 64 MiB
+    for (int64_t kb0 = 0; kb0 < k_blocks; kb0 += chunk) {
+      const int64_t len = std::min(chunk, k_blocks - kb0);
+      const at::Tensor partial = at::bmm(a3.narrow(0, kb0, len), b3.narrow(0, kb0, len));
+      for (int64_t i = 0; i < len; ++i) acc.add_(partial[i]);
+    }
+  }
+  at::Tensor out32 = acc;
+  float* op = out32.data_ptr<float>();
+  for (int64_t i = 0; i < m * n; ++i) op[i] = alpha * op[i];
   return out_dtype == at::kFloat ? out32 : out32.to(out_dtype);
 }
 

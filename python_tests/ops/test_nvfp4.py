@@ -396,6 +396,17 @@ def test_nvfp4_gemm_matches_dequantized_float64(device, mnk, out_dtype, poisoned
     assert (err <= bound + 1e-30).all(), err.max()
 
 
+def test_nvfp4_gemm_cpu_schedules_agree_bitwise():
+    # The CPU GEMM loops for small products and batches the exact block partials for large ones; both add
+    # the partials block after block in FP32, so a row slice (small) equals the full product (large).
+    a = ops.nvfp4_quantize(wide_range((128, 528), torch.bfloat16, "cpu", seed=2)).rowwise
+    b = ops.nvfp4_quantize(torch.randn(128, 528)).rowwise
+    full = ops.nvfp4_gemm(a, b, out_dtype=torch.float32)  # 128*128*528 > 2^22: batched schedule
+    rows = [ops.nvfp4_gemm(NVFP4Tensor(a.codes[i:i + 16], a.scales[i:i + 16], a.amax), b, out_dtype=torch.float32)
+            for i in range(0, 128, 16)]
+    assert torch.equal(full, torch.cat(rows))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_nvfp4_gemm_sqnr(device, record_property):
     # SQNR of the NVFP4 product against the unquantized bf16 product (float64 matmul), with and without RHT
