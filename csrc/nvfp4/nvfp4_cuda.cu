@@ -3,7 +3,8 @@
 // device). What differs is only the schedule:
 //
 // - quantize: an amax pass (a grid-stride reduction; with the Hadamard transform it transforms each block
-//   on the fly, since the amax is taken after the transform), then one fused pass over 64x64 tiles staged
+//   on the fly, since the amax is taken after the transform; the raw and the transformed amax of the
+//   activation / gradient quantizers come from one read of x), then one fused pass over 64x64 tiles staged
 //   in shared memory, which emits the rowwise copy (1x16 row segments) and the transposed columnwise copy
 //   (16x1 column segments) from the same tile: x is read once for both orientations.
 // - GEMM (Hopper has no FP4 tensor cores): cp.async streams the packed codes of 128x32 tiles of A and B
@@ -85,24 +86,32 @@ __device__ __forceinline__ void atomic_max_nonneg(float* dst, float v) {
 
 // ---------------------------------------------------------------------------------------------------------
 // amax: each job is one 16-element block. mode 0: raw values (row segments); 1: row segments transformed
-// (rowwise RHT); 2: column segments transformed (columnwise RHT: 16 rows of one column).
+// (rowwise RHT); 2: column segments transformed (columnwise RHT: 16 rows of one column); 3: column
+// segments, the raw amax into `amax` and the transformed one into `amax_rht` from a single read of x
+// (the activation and gradient quantizers need both).
 // Every transformed value is rounded to BF16 first, as in the quantize pass.
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) nvfp4_amax_kernel(const T* __restrict__ x, int64_t rows, int64_t cols,
-                                                              int mode, bool vector_ok, float* __restrict__ amax) {
-  float m = 0.0f;
+                                                              int mode, bool vector_ok, float* __restrict__ amax,
+                                                              float* __restrict__ amax_rht) {
+  float m = 0.0f, m_rht = 0.0f;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  if (mode == 2) {
+  if (mode >= 2) {
     const int64_t jobs = (rows / kBlock) * cols;
     for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < jobs; j += stride) {
       const int64_t g = j / cols, c = j - g * cols;  // consecutive threads: consecutive columns (coalesced)
       float v[16];
 #pragma unroll
       for (int i = 0; i < 16; ++i) v[i] = to_float(x[(g * kBlock + i) * cols + c]);
+      if (mode == 3) m = max_drop_nan(m, block_abs_max(v));
       hadamard16_forward(v, kDefaultSignMask);
 #pragma unroll
-      for (int i = 0; i < 16; ++i) m = max_drop_nan(m, abs_f(round_to_bf16(v[i])));
+      for (int i = 0; i < 16; ++i) m_rht = max_drop_nan(m_rht, abs_f(round_to_bf16(v[i])));
+    }
+    if (mode == 2) {
+      m = m_rht;
+      m_rht = 0.0f;
     }
   } else {
     const int64_t blocks_per_row = (cols + kBlock - 1) / kBlock;
@@ -122,6 +131,10 @@ __global__ void __launch_bounds__(kThreads) nvfp4_amax_kernel(const T* __restric
   }
   m = warp_max(m);
   if ((threadIdx.x & 31) == 0 && m > 0.0f) atomic_max_nonneg(amax, m);
+  if (mode == 3) {
+    m_rht = warp_max(m_rht);
+    if ((threadIdx.x & 31) == 0 && m_rht > 0.0f) atomic_max_nonneg(amax_rht, m_rht);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -465,6 +478,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using T = decltype(tag);
     const T* xp = static_cast<const T*>(x.data_ptr());
     // amax of each requested orientation, into its output tensor (the quantize pass reads it there).
+    auto launch_amax = [&](int mode, float* out, float* out_rht) {
+      const int64_t jobs = mode >= 2 ? (rows / kBlock) * cols : rows * ((cols + kBlock - 1) / kBlock);
+      nvfp4_amax_kernel<T><<<grid_for(jobs), kThreads, 0, stream>>>(xp, rows, cols, mode, vector_ok, out, out_rht);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
     auto compute_amax = [&](at::Tensor& out, const std::optional<at::Tensor>& given, int mode) {
       if (given.has_value()) {
         C10_CUDA_CHECK(cudaMemcpyAsync(out.data_ptr(), given->contiguous().data_ptr(), sizeof(float),
@@ -473,21 +491,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
       C10_CUDA_CHECK(cudaMemsetAsync(out.data_ptr(), 0, sizeof(float), stream));
       if (rows == 0 || cols == 0) return;
-      const int64_t jobs = mode == 2 ? (rows / kBlock) * cols : rows * ((cols + kBlock - 1) / kBlock);
-      nvfp4_amax_kernel<T><<<grid_for(jobs), kThreads, 0, stream>>>(xp, rows, cols, mode, vector_ok,
-                                                                     out.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_amax(mode, out.data_ptr<float>(), nullptr);
     };
-    if (rowwise) compute_amax(o.amax, amax_rowwise, rht_rowwise ? 1 : 0);
-    if (columnwise) {
-      const bool reuse = rowwise && !rht_rowwise && !rht_columnwise && !amax_rowwise.has_value() &&
-                         !amax_columnwise.has_value();
-      if (reuse) {  // both copies take the raw amax: reduce once
+    const bool no_given = !amax_rowwise.has_value() && !amax_columnwise.has_value();
+    if (rowwise && columnwise && no_given && !rht_rowwise) {
+      // Both copies from one read of x: the raw amax (rowwise; also columnwise without RHT) and, with
+      // the columnwise RHT, the transformed amax in the same pass.
+      C10_CUDA_CHECK(cudaMemsetAsync(o.amax.data_ptr(), 0, sizeof(float), stream));
+      C10_CUDA_CHECK(cudaMemsetAsync(o.amax_t.data_ptr(), 0, sizeof(float), stream));
+      if (rows > 0 && cols > 0) {
+        if (rht_columnwise) {
+          launch_amax(3, o.amax.data_ptr<float>(), o.amax_t.data_ptr<float>());
+        } else {
+          launch_amax(0, o.amax.data_ptr<float>(), nullptr);
+        }
+      }
+      if (!rht_columnwise) {
         C10_CUDA_CHECK(cudaMemcpyAsync(o.amax_t.data_ptr(), o.amax.data_ptr(), sizeof(float),
                                        cudaMemcpyDeviceToDevice, stream));
-      } else {
-        compute_amax(o.amax_t, amax_columnwise, rht_columnwise ? 2 : 0);
       }
+    } else {
+      if (rowwise) compute_amax(o.amax, amax_rowwise, rht_rowwise ? 1 : 0);
+      if (columnwise) compute_amax(o.amax_t, amax_columnwise, rht_columnwise ? 2 : 0);
     }
     if (rows == 0 || cols == 0) return;
     QuantizeParams p;
