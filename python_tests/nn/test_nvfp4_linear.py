@@ -119,6 +119,30 @@ def test_nvfp4_linear_fresh_stochastic_rounding_each_step():
     assert torch.equal(g[0], g[1])
 
 
+def test_converted_model_under_torch_compile():
+    # NVFP4Linear runs eagerly inside a compiled model (its SR step counter changes every call).
+    class Tower(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(32, 32)])
+            self.head = nn.Linear(32, 16)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.blocks[0](x)))
+
+    torch.manual_seed(0)
+    model = Tower()
+    report = convert(model, NVFP4Policy(keep_last_fraction=0.0))
+    assert report.converted == ["blocks.0"] and isinstance(model.blocks[0], NVFP4Linear)
+    compiled = torch.compile(model, backend="aot_eager")
+    x = torch.randn(8, 32)
+    for _ in range(3):
+        out = compiled(x)
+        out.sum().backward()
+    assert torch.equal(out, model(x))  # forward is RNE only: deterministic
+    assert model.blocks[0].step == 4 and model.blocks[0].weight.grad is not None
+
+
 def test_nvfp4_linear_disabled_is_plain_linear_and_bad_shapes():
     layer = NVFP4Linear(32, 16)
     layer.enabled = False

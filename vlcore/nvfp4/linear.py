@@ -192,6 +192,9 @@ class NVFP4Linear(nn.Linear):
         new.bias = linear.bias
         return new
 
+    # torch.compile runs this layer eagerly (a graph break per layer): the step counter is a Python int
+    # that changes every call, which would otherwise force a recompilation every step.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return F.linear(x, self.weight, self.bias)
