@@ -4,6 +4,7 @@
 #include <c10/core/Scalar.h>
 #include <c10/util/Optional.h>
 #include <c10/util/string_view.h>
+#include <optional>
 #include <tuple>
 
 namespace vlcore {
@@ -49,6 +50,23 @@ std::tuple<at::Tensor, at::Tensor> scatter_image_embeds_backward_cuda(const at::
 VLCORE_TOKEN_MERGE_DECLS(cpu)
 #if VLCORE_WITH_CUDA
 VLCORE_TOKEN_MERGE_DECLS(cuda)
+#endif
+
+// nvfp4/: NVFP4 quantization (E2M1 codes, E4M3 block scales, FP32 amax), Hadamard transform, NVFP4 GEMM.
+#define VLCORE_NVFP4_DECLARE(backend)                                                                          \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> nvfp4_quantize_##backend(   \
+      const at::Tensor& x, bool rowwise, bool columnwise, bool block_2d, bool rht_rowwise, bool rht_columnwise, \
+      bool stochastic, int64_t seed, int64_t offset, const std::optional<at::Tensor>& amax_rowwise,            \
+      const std::optional<at::Tensor>& amax_columnwise, bool swizzle_scales);                                 \
+  at::Tensor nvfp4_dequantize_##backend(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& amax, \
+                                        at::ScalarType dtype);                                                 \
+  at::Tensor nvfp4_gemm_##backend(const at::Tensor& a_codes, const at::Tensor& a_scales, const at::Tensor& a_amax, \
+                                  const at::Tensor& b_codes, const at::Tensor& b_scales, const at::Tensor& b_amax, \
+                                  at::ScalarType out_dtype);                                                   \
+  at::Tensor hadamard_transform_##backend(const at::Tensor& x, bool inverse, int64_t sign_mask);
+VLCORE_NVFP4_DECLARE(cpu)
+#if VLCORE_WITH_CUDA
+VLCORE_NVFP4_DECLARE(cuda)
 #endif
 
 }  // namespace vlcore

@@ -34,17 +34,28 @@ TORCH_LIBRARY(vlcore, m) {
   m.def("token_pool_2d_backward(Tensor grad_out, int[] grids, int[] out_grids, str mode, bool class_token) -> Tensor");
   m.def("patch_merge_2x2(Tensor x, int[] grids) -> Tensor");
   m.def("patch_merge_2x2_backward(Tensor grad_out, int[] grids) -> Tensor");
+
+  m.set_python_module("vlcore.ops.nvfp4");
+  m.def("nvfp4_quantize(Tensor x, bool rowwise, bool columnwise, bool block_2d, bool rht_rowwise, "
+        "bool rht_columnwise, bool stochastic, int seed, int offset, Tensor? amax_rowwise, Tensor? amax_columnwise, "
+        "bool swizzle_scales) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("nvfp4_dequantize(Tensor codes, Tensor scales, Tensor amax, ScalarType dtype) -> Tensor");
+  m.def("nvfp4_gemm(Tensor a_codes, Tensor a_scales, Tensor a_amax, Tensor b_codes, Tensor b_scales, "
+        "Tensor b_amax, ScalarType out_dtype) -> Tensor");
+  m.def("hadamard_transform(Tensor x, bool inverse, int sign_mask) -> Tensor");
 }
 
 // Ops with a backend kernel of each kind; the C++ functions are named vlcore::<op>_cpu and <op>_cuda.
 #define VLCORE_CPU_OPS(X) \
   X(seq_pack) X(seq_unpack) X(scatter_image_embeds) X(scatter_image_embeds_backward) \
   X(tome_match) X(tome_merge) X(tome_merge_backward) X(tome_unmerge) X(token_pool_2d) \
-  X(token_pool_2d_backward) X(patch_merge_2x2) X(patch_merge_2x2_backward)
+  X(token_pool_2d_backward) X(patch_merge_2x2) X(patch_merge_2x2_backward) \
+  X(nvfp4_quantize) X(nvfp4_dequantize) X(nvfp4_gemm) X(hadamard_transform)
 #define VLCORE_CUDA_OPS(X) \
   X(seq_pack) X(seq_unpack) X(scatter_image_embeds) X(scatter_image_embeds_backward) \
   X(tome_match) X(tome_merge) X(tome_merge_backward) X(tome_unmerge) X(token_pool_2d) \
-  X(token_pool_2d_backward) X(patch_merge_2x2) X(patch_merge_2x2_backward)
+  X(token_pool_2d_backward) X(patch_merge_2x2) X(patch_merge_2x2_backward) \
+  X(nvfp4_quantize) X(nvfp4_dequantize) X(nvfp4_gemm) X(hadamard_transform)
 
 TORCH_LIBRARY_IMPL(vlcore, CPU, m) {
 #define VLCORE_IMPL_CPU(op) m.impl(#op, &vlcore::op##_cpu);
