@@ -12,7 +12,8 @@
 // image unchanged (ToMe's do_nothing). The match is stored as
 //   unmerged [sum(Na - r_b)]  A indices (local to the image) kept, in output order
 //   src, dst [sum(r_b)]       merged A indices (edge order: score descending, ties to the lower index) and
-//                             the B index each merges into
+//                             the B index each merges into. NaN scores (a zero / non-finite metric row) are
+//                             the highest, as torch's max / argsort rank them; the class token sorts last.
 //   dest [T]                  output row (global) of every input row
 //   offsets [T' + 1], sources [T]  the inverse (CSR): output row j gathers input rows
 //                             sources[offsets[j] .. offsets[j+1]), destination first, then the merged A rows
@@ -62,6 +63,13 @@ inline TomePlan tome_plan(const char* op, c10::IntArrayRef seqlens, c10::IntArra
     if (b > 0 && (n != p.segs[0].n || rc != p.segs[0].r)) p.uniform = false;
   }
   return p;
+}
+
+// The order of ToMe's scores as torch's max and argsort(descending=True) see them: NaN above every number,
+// else the strictly higher score, so that a tie keeps the earlier (lower) index.
+template <typename T>
+C10_HOST_DEVICE inline bool score_beats(T score, T best) {
+  return score > best || (score != score && best == best);
 }
 
 inline void check_metric(const char* op, const at::Tensor& metric, const TomePlan& p) {
@@ -137,6 +145,11 @@ inline MergeArgs check_merge_backward(const char* op, const at::Tensor& grad_out
   VLCORE_CHECK(grad_out.sizes() == out.sizes() && out.dim() == 2 && out.size(0) == a.total_out && out.size(1) == a.c,
                op, "grad_out and out must have shape (", a.total_out, ", ", a.c, "), got ", grad_out.sizes(), " and ",
                out.sizes());
+  for (auto [t, name] : {std::pair{&grad_out, "grad_out"}, {&out, "out"}}) {
+    VLCORE_CHECK(t->scalar_type() == x.scalar_type(), op, name, " must have the dtype of x (", x.scalar_type(),
+                 "), got ", t->scalar_type());
+    check_same_device(op, x, "x", *t, name);
+  }
   VLCORE_CHECK(!grad_size || (grad_size->dim() == 1 && grad_size->size(0) == a.total_out), op,
                "grad_size must have shape (", a.total_out, ",)");
   return a;

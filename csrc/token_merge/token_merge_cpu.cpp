@@ -35,7 +35,8 @@ void match_image(const scalar_t* metric, int64_t c, const TomeSegment& s, bool c
     for (int64_t a = 0; a < na; ++a) unmerged[s.u_start + a] = a;
     return;
   }
-  // Cosine similarity: normalise every row in double.
+  // Cosine similarity: normalise every row in double. A zero row, or one holding Inf/NaN, becomes NaN (0/0,
+  // Inf/Inf) and so do all its scores, as in ToMe's `metric / metric.norm()`.
   std::vector<double> unit(n * c);
   for (int64_t t = 0; t < n; ++t) {
     const scalar_t* row = metric + (in0 + t) * c;
@@ -44,7 +45,8 @@ void match_image(const scalar_t* metric, int64_t c, const TomeSegment& s, bool c
     norm = std::sqrt(norm);
     for (int64_t k = 0; k < c; ++k) unit[t * c + k] = double(row[k]) / norm;
   }
-  // Each A token's best B partner: the highest score, ties to the lower B index.
+  // Each A token's best B partner: the highest score, ties to the lower B index. NaN counts as the highest
+  // score (torch's max propagates NaN and returns the first NaN's index).
   const double neg_inf = -std::numeric_limits<double>::infinity();
   std::vector<double> best(na, neg_inf);
   std::vector<int64_t> partner(na, 0);
@@ -55,16 +57,24 @@ void match_image(const scalar_t* metric, int64_t c, const TomeSegment& s, bool c
       const double* ub = unit.data() + (2 * j + 1) * c;
       double dot = 0;
       for (int64_t k = 0; k < c; ++k) dot += ua[k] * ub[k];
-      if (dot > best[a]) {
+      if (score_beats(dot, best[a])) {
         best[a] = dot;
         partner[a] = j;
       }
     }
   }
-  // Edges by score, descending; ties to the lower A index (a stable sort).
+  // Edges by score, descending; ties to the lower A index (a stable sort). NaN first, as in torch's
+  // argsort(descending=True); the protected class token last, behind every other token whatever its score,
+  // so that it is never a source.
+  auto edge_rank = [&](int64_t a) {  // 0: the class token, 1: a number, 2: NaN
+    return (class_token && a == 0) ? 0 : std::isnan(best[a]) ? 2 : 1;
+  };
   std::vector<int64_t> order(na);
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return best[x] > best[y]; });
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+    const int rx = edge_rank(x), ry = edge_rank(y);
+    return rx != ry ? rx > ry : (rx == 1 && best[x] > best[y]);
+  });
   std::vector<int64_t> kept(order.begin() + r, order.end());
   if (class_token) std::sort(kept.begin(), kept.end());  // keeps the class token first
   const int64_t nu = na - r;

@@ -53,10 +53,17 @@ __device__ __forceinline__ TomeSegment segment(const SegmentArgs& a, int64_t b) 
   return {b * a.n, a.n, a.r, b * (a.n - a.r), b * a.r, b * (na - a.r)};
 }
 
-__device__ __forceinline__ uint64_t edge_key(float score, int64_t a) {
-  uint32_t bits = __float_as_uint(score);
+// Edge order key: score descending (NaN first, as torch's argsort(descending=True) puts it), ties to the lower
+// index. The protected class token gets the largest key of a real token: it sorts after every other token
+// whatever their scores, so it is never a source (padding keys, kNoKey, sort after it).
+__device__ __forceinline__ uint64_t edge_key(float score, int64_t a, bool is_class_token) {
+  if (is_class_token) return uint64_t(0xffffffffu) << 32 | uint64_t(a);
+  if (score != score) return uint64_t(a);  // NaN, whatever its sign and payload: above +inf
+  const uint32_t bits = __float_as_uint(score + 0.f);  // -0 becomes +0: equal scores get equal high words
   const uint32_t ordered = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);  // ascending with the score
-  return (uint64_t(~ordered) << 32) | uint64_t(a);                                // score descending, index ascending
+  // ~ordered >= ~ordered(+inf) = 0x007fffff > 0 and <= ~ordered(-inf) = 0xff800000 < 0xffffffff: strictly
+  // between the NaN and the class token keys.
+  return (uint64_t(~ordered) << 32) | uint64_t(a);
 }
 
 // Ascending bitonic sort of keys[0, p) (p a power of two) by the whole CTA.
@@ -79,14 +86,26 @@ __device__ void bitonic_sort(uint64_t* keys, int p) {
   }
 }
 
+// Row normalisation in fp32 without overflow or underflow: the row is first scaled by a power of two (exact)
+// that brings its largest |v| into [0.5, 1), so that squares of |v| up to FLT_MAX or down to the denormals
+// stay representable and the cosine matches the CPU's float64 one to fp32 rounding. A unit row is
+// (v * pow2) * inv_norm.
+__device__ __forceinline__ float nan_max(float m, float v) { return (v > m || v != v) ? v : m; }  // NaN sticks
+
+// The power of two for a row whose largest |v| is max_abs (NaN-propagating max). A zero row or one holding
+// Inf/NaN gets NaN, and so do all its scores, as with ToMe's metric / metric.norm() (0/0, Inf/Inf).
+__device__ __forceinline__ float row_pow2(float max_abs) {
+  if (!(max_abs > 0.f) || isinf(max_abs)) return NAN;
+  int e;
+  (void)frexpf(max_abs, &e);  // max_abs = m * 2^e, m in [0.5, 1)
+  return ldexpf(1.f, -min(max(e, -125), 126));  // kept a normal float: 2^-126 .. 2^125
+}
+
 template <typename scalar_t>
-__device__ __forceinline__ float inv_norm_of_row(const scalar_t* row, int64_t c) {
-  float ss = 0.f;
-  for (int64_t k = 0; k < c; ++k) {
-    const float v = static_cast<float>(row[k]);
-    ss += v * v;
-  }
-  return rsqrtf(ss);
+__device__ __forceinline__ float row_max_abs(const scalar_t* row, int64_t c) {
+  float m = 0.f;
+  for (int64_t k = 0; k < c; ++k) m = nan_max(m, fabsf(static_cast<float>(row[k])));
+  return m;
 }
 
 // MAXC > 0: the metric width is at most MAXC and A rows live in registers. MAXC == 0: any width, A rows are
@@ -134,15 +153,20 @@ __global__ void __launch_bounds__(kMatchThreads) tome_match_kernel(
     __syncthreads();  // the previous tile is no longer read
     for (int jj = warp; jj < tb; jj += warps) {  // a warp normalises one B row into the tile
       const scalar_t* row = metric + (in0 + 2 * (j0 + jj) + 1) * c;
+      float max_abs = 0.f;
+      for (int64_t k = lane; k < c; k += 32) max_abs = nan_max(max_abs, fabsf(static_cast<float>(row[k])));
+      for (int off = 16; off > 0; off >>= 1) max_abs = nan_max(max_abs, __shfl_xor_sync(0xffffffffu, max_abs, off));
+      const float pow2 = row_pow2(max_abs);
       float ss = 0.f;
       for (int64_t k = lane; k < c; k += 32) {
-        const float v = static_cast<float>(row[k]);
-        ss += v * v;
+        const float v = static_cast<float>(row[k]) * pow2;
+        ss = fmaf(v, v, ss);
       }
       for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
       const float inv = rsqrtf(ss);
       float* dst_row = tile + int64_t(jj) * tile_stride;
-      for (int k = lane; k < tile_stride; k += 32) dst_row[k] = k < c ? static_cast<float>(row[k]) * inv : 0.f;
+      for (int k = lane; k < tile_stride; k += 32)
+        dst_row[k] = k < c ? (static_cast<float>(row[k]) * pow2) * inv : 0.f;
     }
     __syncthreads();
     // Every group owns A tokens a = group, group + groups, ...; all lanes of a group run the same trips.
@@ -152,10 +176,22 @@ __global__ void __launch_bounds__(kMatchThreads) tome_match_kernel(
       float best = -INFINITY;
       int best_j = INT_MAX;
       if constexpr (MAXC > 0) {
-        float av[MAXC];
-        const float inv = inv_norm_of_row(arow, c);
+        float av[MAXC], max_abs = 0.f;
 #pragma unroll
-        for (int k = 0; k < MAXC; ++k) av[k] = k < c ? static_cast<float>(arow[k]) * inv : 0.f;
+        for (int k = 0; k < MAXC; ++k) {
+          av[k] = k < c ? static_cast<float>(arow[k]) : 0.f;
+          max_abs = nan_max(max_abs, fabsf(av[k]));
+        }
+        const float pow2 = row_pow2(max_abs);
+        float ss = 0.f;
+#pragma unroll
+        for (int k = 0; k < MAXC; ++k) {
+          av[k] = k < c ? av[k] * pow2 : 0.f;  // the padding stays 0 (with c == 0 every score is 0, as on the CPU)
+          ss = fmaf(av[k], av[k], ss);
+        }
+        const float inv = rsqrtf(ss);
+#pragma unroll
+        for (int k = 0; k < MAXC; ++k) av[k] = k < c ? av[k] * inv : 0.f;
         for (int jj = sub; jj < tb; jj += lanes_per_a) {
           const float4* brow = reinterpret_cast<const float4*>(tile + int64_t(jj) * tile_stride);
           float dot = 0.f;
@@ -169,35 +205,44 @@ __global__ void __launch_bounds__(kMatchThreads) tome_match_kernel(
           }
           const int j = int(j0) + jj;
           if (distill_token && j == 0) continue;  // the distillation token is never a destination
-          if (dot > best) {
+          if (score_beats(dot, best)) {  // NaN beats every number; ties keep the lower j
             best = dot;
             best_j = j;
           }
         }
       } else {
-        const float inv = inv_norm_of_row(arow, c);
+        // c > 128 here. The dot runs on the power-of-two-scaled row, then scales by inv (one multiply per
+        // element, as before); a NaN pow2 (zero / non-finite row) makes every dot NaN.
+        const float pow2 = row_pow2(row_max_abs(arow, c));
+        float ss = 0.f;
+        for (int64_t k = 0; k < c; ++k) {
+          const float v = static_cast<float>(arow[k]) * pow2;
+          ss = fmaf(v, v, ss);
+        }
+        const float inv = rsqrtf(ss);
         for (int jj = sub; jj < tb; jj += lanes_per_a) {
           const float* brow = tile + int64_t(jj) * tile_stride;
           float dot = 0.f;
-          for (int64_t k = 0; k < c; ++k) dot = fmaf(static_cast<float>(arow[k]) * inv, brow[k], dot);
+          for (int64_t k = 0; k < c; ++k) dot = fmaf(static_cast<float>(arow[k]) * pow2, brow[k], dot);
+          dot *= inv;
           const int j = int(j0) + jj;
           if (distill_token && j == 0) continue;
-          if (dot > best) {
+          if (score_beats(dot, best)) {
             best = dot;
             best_j = j;
           }
         }
       }
-      // Combine the group: the higher score, ties to the lower index.
+      // Combine the group: the higher score (NaN highest), ties (equal, or both NaN) to the lower index.
       for (int off = lanes_per_a / 2; off > 0; off >>= 1) {
         const float other = __shfl_xor_sync(gmask, best, off, lanes_per_a);
         const int other_j = __shfl_xor_sync(gmask, best_j, off, lanes_per_a);
-        if (other > best || (other == best && other_j < best_j)) {
+        if (score_beats(other, best) || (!score_beats(best, other) && other_j < best_j)) {
           best = other;
           best_j = other_j;
         }
       }
-      if (sub == 0 && best_j != INT_MAX && best > best_score[a]) {  // earlier tiles hold lower indices
+      if (sub == 0 && best_j != INT_MAX && score_beats(best, best_score[a])) {  // earlier tiles hold lower indices
         best_score[a] = best;
         partner[a] = best_j;
       }
@@ -205,8 +250,9 @@ __global__ void __launch_bounds__(kMatchThreads) tome_match_kernel(
   }
   __syncthreads();
 
-  // 1. Edge order: score descending, ties to the lower A index.
-  for (int i = threadIdx.x; i < sort_size; i += blockDim.x) keys[i] = i < na ? edge_key(best_score[i], i) : kNoKey;
+  // 1. Edge order: score descending (NaN first), ties to the lower A index, the class token last.
+  for (int i = threadIdx.x; i < sort_size; i += blockDim.x)
+    keys[i] = i < na ? edge_key(best_score[i], i, class_token && i == 0) : kNoKey;
   __syncthreads();
   bitonic_sort(keys, sort_size);
   for (int64_t k = threadIdx.x; k < r; k += blockDim.x) {
@@ -510,9 +556,8 @@ std::tuple<at::Tensor, at::Tensor> tome_merge_backward_cuda(const at::Tensor& gr
   const MergeMode md = args.mode;
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor g = grad_out.to(x.scalar_type()).contiguous(), xc = x.contiguous(),
-                   oc = out.to(x.scalar_type()).contiguous(), dc = dest.contiguous(), off = offsets.contiguous(),
-                   sc = sources.contiguous();
+  const at::Tensor g = grad_out.contiguous(), xc = x.contiguous(), oc = out.contiguous(), dc = dest.contiguous(),
+                   off = offsets.contiguous(), sc = sources.contiguous();
   const at::Tensor sz = size ? size->contiguous() : at::Tensor();
   const at::Tensor gs = grad_size ? grad_size->to(x.scalar_type()).contiguous() : at::Tensor();
   at::Tensor grad_x = at::empty({total_in, c}, x.options());

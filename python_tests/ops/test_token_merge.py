@@ -71,6 +71,64 @@ def test_tome_match_ties_go_to_lower_indices(device):
     assert match.unmerged[..., 0].tolist() == [[3, 4]] * 2
 
 
+def test_tome_match_zero_rows_keep_the_class_token_first():
+    # A tokens 1..3 have zero keys: their scores are NaN, which ToMe merges first; the class token never merges.
+    metric = separated_metric(1, 9, 4, "cpu", class_token=True)
+    metric[0, [2, 4, 6]] = 0
+    x = torch.arange(9.0).view(1, 9, 1)
+    for device in DEVICES:
+        match = vlcore.ops.tome_match(metric.to(device), 4, class_token=True)
+        assert match.src[..., 0].tolist() == [[1, 2, 3, 4]] and match.unmerged[..., 0].tolist() == [[0]]
+        assert vlcore.ops.tome_merge(x.to(device), match)[0][0, 0, 0].item() == 0.0  # the class token's own row
+
+
+# (batch, n, c, r, class_token, distill_token, rows made non-finite, how). c = 8 / 100 / 130 cover the three
+# CUDA matching paths (A rows in registers up to 64 / 128 wide, or read from memory).
+NONFINITE_CASES = [
+    (1, 9, 4, 4, True, False, [2, 4, 6], "zero"),      # fewer finite A scores than r
+    (2, 17, 8, 6, True, False, [0, 4, 10], "zero"),    # the class token's own row too
+    (2, 17, 8, 5, False, False, [3], "zero"),          # a zero B token: every score of every A token is NaN
+    (2, 18, 8, 8, True, True, [1, 6, 12], "nan"),      # the distillation token's row is masked anyway
+    (2, 21, 100, 7, True, False, [2, 8], "inf"),
+    (2, 21, 100, 9, False, False, [0, 2, 8, 14, 20], "nan"),
+    (1, 33, 130, 12, True, False, [4, 6, 7, 30], "zero"),
+    (1, 33, 130, 16, True, True, [2, 12, 22], "inf"),
+    (2, 40, 8, 15, True, False, list(range(2, 40, 2)), "zero"),  # every A token but the class token
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch,n,c,r,class_token,distill_token,rows,how", NONFINITE_CASES)
+def test_tome_match_nonfinite_metric_rows_follow_tome(device, batch, n, c, r, class_token, distill_token, rows, how,
+                                                      poisoned):
+    # Zero, Inf or NaN keys give NaN scores: ToMe (torch's max / descending argsort) ranks NaN above every number
+    # and the protected class token below every other token.
+    metric = separated_metric(batch, n, c, device, class_token=class_token, distill_token=distill_token)
+    fill = {"zero": 0.0, "nan": float("nan"), "inf": float("inf")}[how]
+    metric[:, rows, :: (3 if how == "inf" else 1)] = fill  # Inf: some entries of the row, as a real overflow
+    match = vlcore.ops.tome_match(metric, r, class_token=class_token, distill_token=distill_token)
+    want = tome_match_ref(metric, r, class_token=class_token, distill_token=distill_token)
+    for got, ref in zip(match[:3], want):
+        assert torch.equal(got.cpu(), ref.cpu())
+    if class_token:
+        assert bool((match.unmerged[:, 0, 0] == 0).all())
+        x = torch.randn(batch, n, 3, device=device)
+        assert torch.equal(vlcore.ops.tome_merge(x, match)[0][:, 0], x[:, 0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("c", [8, 100, 130])
+def test_tome_match_extreme_magnitudes(device, c):
+    # float32 rows whose squares overflow (1e30) or underflow (1e-30) in float32: the cosine is scale-free, so
+    # both backends must still rank like the float64 reference.
+    metric = separated_metric(2, 23, c, device, class_token=True)
+    metric[:, 1::4] *= 1e30
+    metric[:, 2::4] *= 1e-30
+    match = vlcore.ops.tome_match(metric, 9, class_token=True)
+    for got, ref in zip(match[:3], tome_match_ref(metric, 9, class_token=True)):
+        assert torch.equal(got.cpu(), ref.cpu())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["wavg", "mean", "sum", "amax"])
 @pytest.mark.parametrize("with_size", [False, True])
@@ -313,6 +371,18 @@ def test_tome_bad_input():
         torch.ops.vlcore.tome_merge(x.flatten(0, 1), None, match.dest, match.offsets, bad, "wavg")
     with pytest.raises(ValueError, match="vlcore::tome_merge: mode must be 'wavg', 'mean', 'sum' or 'amax'"):
         torch.ops.vlcore.tome_merge(x.flatten(0, 1), None, match.dest, match.offsets, match.sources, "max")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tome_merge_backward_rejects_other_dtypes(device):
+    match = vlcore.ops.tome_match(torch.randn(2, 9, 4, device=device), 3)
+    maps = (match.dest, match.offsets, match.sources)
+    x = torch.randn(18, 5, device=device)
+    out, _ = torch.ops.vlcore.tome_merge(x, None, *maps, "wavg")
+    with pytest.raises(ValueError, match=r"vlcore::tome_merge_backward: grad_out must have the dtype of x \(Float\)"):
+        torch.ops.vlcore.tome_merge_backward(torch.randn_like(out).double(), None, x, None, out, *maps, "wavg")
+    with pytest.raises(ValueError, match=r"vlcore::tome_merge_backward: out must have the dtype of x"):
+        torch.ops.vlcore.tome_merge_backward(torch.randn_like(out), None, x, None, out.half(), *maps, "wavg")
 
 
 def test_tome_match_object_is_a_namedtuple():

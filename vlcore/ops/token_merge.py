@@ -13,9 +13,17 @@ ToMe, for one image of ``N`` tokens with ``p = class_token + distill_token`` pro
 4. The output is ``[unmerged A..., all B...]``: the unmerged A tokens in edge order (score descending),
    or ascending when a class token is protected so that it stays first (ToMe's order exactly).
 
+Non-finite scores follow ToMe's PyTorch code exactly: a metric row that is all zero or holds an Inf or NaN
+scores NaN against every token (``metric / metric.norm()`` is 0/0 or Inf/Inf), and NaN is the highest score
+both in the partner search (``max`` propagates NaN and takes the first NaN's index) and in the edge order
+(``argsort(descending=True)`` puts NaN first). So such tokens merge first (a zero B token attracts every
+source), while the protected class token always sorts after every other token and never merges.
+
 The CPU kernel scores in float64, the CUDA kernel in float32 (it never stores the score matrix: one CTA per
-image keeps B in shared memory and each thread streams over it for its A tokens), so the two can only
-disagree on edges whose scores tie to float32 precision.
+image keeps B in shared memory and each thread streams over it for its A tokens; every row is scaled by a
+power of two before squaring, so that no finite float32 row overflows or underflows, and float64 metrics are
+rounded to float32 first). The CUDA scores carry float32 rounding (``rsqrtf`` and the c-term dot products,
+about 1e-6 relative for c ~ 100), so the two backends can disagree on edges whose scores are that close.
 
 Layouts: dense ``[B, N, C]`` batches, or varlen ``[T, C]`` batches of images with ``seqlens[b]`` tokens
 each (the flash-attn packing without the tensor: lengths, r and grids are host ints because they fix the
@@ -341,6 +349,8 @@ def _(x, size, dest, offsets, sources, mode):
 def _(grad_out, grad_size, x, size, out, dest, offsets, sources, mode):
     _fake_maps("tome_merge_backward", x, dest, offsets, sources)
     _check(grad_out.shape == out.shape, "tome_merge_backward", "grad_out must have out's shape")
+    _check(grad_out.dtype == x.dtype and out.dtype == x.dtype, "tome_merge_backward",
+           "grad_out and out must have the dtype of x")
     return x.new_empty(x.shape), x.new_empty((x.shape[0] if size is not None else 0,))
 
 
