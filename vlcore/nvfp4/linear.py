@@ -114,8 +114,8 @@ class _NVFP4LinearFunction(torch.autograd.Function):
         if bias is not None:
             y = y + bias.to(y.dtype)
         saved = []
-        saved += list(xq.columnwise) if need_dw else [None] * 3
-        saved += list(wq.columnwise) if need_dx else [None] * 3
+        saved += [xq.columnwise.codes, xq.columnwise.scales, xq.columnwise.amax] if need_dw else [None] * 3
+        saved += [wq.columnwise.codes, wq.columnwise.scales, wq.columnwise.amax] if need_dx else [None] * 3
         ctx.save_for_backward(*saved)
         ctx.recipe, ctx.seed, ctx.offset, ctx.guard = recipe, seed, offset, guard
         ctx.tokens, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = tokens, x.shape, x.dtype, weight.dtype
