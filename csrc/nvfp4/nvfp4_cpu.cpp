@@ -167,6 +167,9 @@ at::Tensor nvfp4_gemm_cpu(const at::Tensor& a_codes, const at::Tensor& a_scales,
                           at::ScalarType out_dtype) {
   nvfp4_detail::check_gemm(a_codes, a_scales, a_amax, b_codes, b_scales, b_amax, out_dtype);
   const int64_t m = a_codes.size(0), n = b_codes.size(0), k = 2 * a_codes.size(1);
+  // K == 0: an empty sum is 0 whatever the amaxes; alpha (Inf or NaN for a non-finite amax) is not applied,
+  // so that the result is zeros, as from the CUDA kernel.
+  if (k == 0) return at::zeros({m, n}, a_codes.options().dtype(out_dtype));
   // Decode each operand to e2m1 x block scale, exact in FP32 (the tensor factor goes into alpha).
   auto decode = [](const at::Tensor& codes, const at::Tensor& scales) {
     const int64_t rows = codes.size(0), cols = 2 * codes.size(1);

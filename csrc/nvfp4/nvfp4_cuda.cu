@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "nvfp4/nvfp4.h"
@@ -176,7 +177,8 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(const T* __res
   __shared__ float tile[kTile][kTile + 1];    // +1: conflict-free column reads
   __shared__ float seg_amax[kTile][kTile / kBlock];  // amax of each 1x16 row segment (for 16x16 tiles)
   const int t = threadIdx.x;
-  const int64_t r0 = int64_t(blockIdx.y) * kTile, c0 = int64_t(blockIdx.x) * kTile;
+  // Row tiles in x (up to 2^31 - 1 blocks): the token count is the dimension that grows.
+  const int64_t r0 = int64_t(blockIdx.x) * kTile, c0 = int64_t(blockIdx.y) * kTile;
 
   const int lr = t / 4, seg = t % 4;
   const int64_t r = r0 + lr, c = c0 + seg * kBlock;
@@ -359,7 +361,8 @@ __global__ void __launch_bounds__(kThreads) nvfp4_gemm_kernel(
 
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
   const int warp_m = warp / 4, warp_n = warp % 4;  // 2 x 4 warps, 64 x 32 outputs each
-  const int64_t m0 = int64_t(blockIdx.y) * kBM, n0 = int64_t(blockIdx.x) * kBN;
+  // M tiles in x (up to 2^31 - 1 blocks), N tiles in y (at most 65535).
+  const int64_t m0 = int64_t(blockIdx.x) * kBM, n0 = int64_t(blockIdx.y) * kBN;
   const int64_t k_bytes = k_size / 2, k_blocks = k_size / kBlock;
   const int k_tiles = static_cast<int>((k_size + kBK - 1) / kBK);
   if (t < 16) lut[t] = e2m1_to_float(static_cast<uint8_t>(t));
@@ -535,9 +538,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     p.scales_t = columnwise ? o.scales_t.data_ptr<uint8_t>() : nullptr;
     p.amax_t = columnwise ? o.amax_t.data_ptr<float>() : nullptr;
     const int64_t row_tiles = (rows + kTile - 1) / kTile, col_tiles = (cols + kTile - 1) / kTile;
-    VLCORE_CHECK(row_tiles <= 65535, "nvfp4_quantize", "x has too many rows for this kernel (", rows,
-                 " > 65535 * 64)");
-    const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles));
+    VLCORE_CHECK(row_tiles <= std::numeric_limits<int32_t>::max() && col_tiles <= 65535, "nvfp4_quantize",
+                 "x of shape (", rows, ", ", cols, ") is too large for this kernel (at most (2^31 - 1) * 64 rows ",
+                 "and 65535 * 64 columns)");
+    const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles));
     nvfp4_quantize_kernel<T><<<grid, kThreads, 0, stream>>>(xp, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
@@ -592,10 +596,11 @@ at::Tensor nvfp4_gemm_cuda(const at::Tensor& a_codes_in, const at::Tensor& a_sca
   const int64_t m = a_codes.size(0), n = b_codes.size(0), k = 2 * a_codes.size(1);
   at::Tensor out = at::empty({m, n}, a_codes.options().dtype(out_dtype));
   if (out.numel() == 0) return out;
-  if (k == 0) return out.zero_();
+  if (k == 0) return out.zero_();  // an empty sum is 0 whatever the amaxes (alpha is not applied), as on CPU
   const int64_t m_tiles = (m + kBM - 1) / kBM, n_tiles = (n + kBN - 1) / kBN;
-  VLCORE_CHECK(m_tiles <= 65535, "nvfp4_gemm", "M = ", m, " is too large for this kernel (> 65535 * 128)");
-  const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(m_tiles));
+  VLCORE_CHECK(m_tiles <= std::numeric_limits<int32_t>::max() && n_tiles <= 65535, "nvfp4_gemm", "M = ", m,
+               ", N = ", n, " is too large for this kernel (at most (2^31 - 1) * 128 and 65535 * 128)");
+  const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles));
   if (out_dtype == at::kFloat) {
     nvfp4_gemm_kernel<float><<<grid, kThreads, 0, stream>>>(
         a_codes.data_ptr<uint8_t>(), a_scales.data_ptr<uint8_t>(), a_am.data_ptr<float>(), b_codes.data_ptr<uint8_t>(),

@@ -103,6 +103,7 @@ def test_nvfp4_linear_fresh_stochastic_rounding_each_step():
     torch.manual_seed(5)
     layer = NVFP4Linear(32, 32, seed=7)
     x = torch.randn(64, 32)
+    start = {k: v.clone() for k, v in layer.state_dict().items()}
     grads = []
     for _ in range(2):
         layer.weight.grad = None
@@ -110,13 +111,45 @@ def test_nvfp4_linear_fresh_stochastic_rounding_each_step():
         grads.append(layer.weight.grad.clone())
     assert not torch.equal(grads[0], grads[1])  # same input, next step: a different SR draw
     again = NVFP4Linear(32, 32, seed=7)
-    again.load_state_dict(layer.state_dict())
+    again.load_state_dict(start)
     again(x).pow(2).sum().backward()
     assert torch.equal(again.weight.grad, grads[0])  # same seed, same step: reproducible
     no_sr = NVFP4Linear(32, 32, seed=7, recipe=NVFP4Recipe(stochastic_rounding=False))
     no_sr.load_state_dict(layer.state_dict())
     g = [torch.autograd.grad(no_sr(x).pow(2).sum(), no_sr.weight)[0] for _ in range(2)]
     assert torch.equal(g[0], g[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nvfp4_linear_resume_draws_the_same_stochastic_rounding(device):
+    # The SR (seed, step) is in the state dict: a layer rebuilt from a checkpoint taken after two steps
+    # draws the same bits on its next step as the uninterrupted layer on its third.
+    torch.manual_seed(6)
+    layer = NVFP4Linear(32, 48, device=device)  # seed drawn from torch's generator
+    x = torch.randn(64, 32, device=device)
+    for _ in range(2):
+        layer(x).sum().backward()
+    checkpoint = {k: v.cpu().clone() for k, v in layer.state_dict().items()}
+    assert checkpoint["sr_state"].tolist() == [layer.seed, 2]
+    layer.weight.grad = None
+    layer(x).pow(2).sum().backward()
+    resumed = NVFP4Linear(32, 48, seed=1, device=device)  # another seed, step 0, other weights
+    resumed.load_state_dict(checkpoint)
+    assert (resumed.seed, resumed.step) == (layer.seed, 2)
+    resumed(x).pow(2).sum().backward()
+    assert torch.equal(resumed.weight.grad, layer.weight.grad)
+    assert resumed.state_dict()["sr_state"].tolist() == [layer.seed, 3]
+    # the first two steps drew other bits: the restored step matters
+    fresh = NVFP4Linear(32, 48, seed=layer.seed, device=device)
+    fresh.load_state_dict({k: v for k, v in checkpoint.items() if k != "sr_state"})  # plain nn.Linear keys
+    assert (fresh.seed, fresh.step) == (layer.seed, 0)
+    fresh(x).pow(2).sum().backward()
+    assert not torch.equal(fresh.weight.grad, layer.weight.grad)
+    # a converted layer carries the buffer on its parameters' device, and loads a plain nn.Linear checkpoint
+    plain = nn.Linear(32, 48, device=device)
+    converted = NVFP4Linear.from_linear(plain, seed=11)
+    assert converted.sr_state.device == plain.weight.device and converted.sr_state.tolist() == [11, 0]
+    converted.load_state_dict(plain.state_dict())
 
 
 def test_converted_model_under_torch_compile():

@@ -64,6 +64,7 @@ def assert_same_quantized(got, want):
         assert (g is None) == (w is None), orient
         if g is None:
             continue
+        assert g.swizzled == w.swizzled, orient
         for field in ("codes", "scales", "amax"):
             a, b = getattr(g, field).cpu(), getattr(w, field).cpu()
             assert a.shape == b.shape and a.dtype == b.dtype, (orient, field, a.shape, b.shape)
@@ -128,7 +129,7 @@ def test_nvfp4_dequantize_matches_transcription(device, dtype, poisoned):
     for t in (q.rowwise, q.columnwise):
         got = ops.nvfp4_dequantize(t, dtype)
         assert got.dtype == dtype and got.shape == t.shape
-        want = nvfp4_dequantize_ref(NVFP4Tensor(*(v.cpu() for v in t)), dtype)
+        want = nvfp4_dequantize_ref(t.to("cpu"), dtype)
         assert torch.equal(got.cpu(), want)
     # float8_e4m3fn scales are accepted as well as their uint8 bytes
     t = q.rowwise
@@ -278,6 +279,33 @@ def test_nvfp4_swizzled_scale_layout(device):
     for i, j in [(0, 0), (1, 0), (31, 3), (32, 0), (127, 4), (128, 1), (200, 4), (271, 2)]:
         idx = ((i // 128) * 2 + j // 4) * 512 + (i % 128 % 32) * 16 + (i % 128 // 32) * 4 + j % 4
         assert flat[idx] == sp[i, j]
+    assert swz.rowwise.swizzled and not plain.rowwise.swizzled
+    for p, s in zip(plain, swz):
+        assert torch.equal(s.plain_scales(), p.scales)
+        assert torch.equal(s.dequantize(), p.dequantize())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nvfp4_swizzled_scales_with_the_plain_shape(device):
+    # 128 rows and 64 columns: the swizzled scales have the plain shape (128, 4), so only the recorded
+    # layout tells them apart. Dequantize and GEMM must read them as swizzled, not as row-major bytes.
+    x = wide_range((128, 64), torch.float32, device, seed=5)
+    w = wide_range((32, 64), torch.bfloat16, device, seed=6)
+    plain, swz = ops.nvfp4_quantize(x).rowwise, ops.nvfp4_quantize(x, swizzle_scales=True).rowwise
+    assert swz.swizzled and swz.scales.shape == plain.scales.shape == (128, 4)
+    assert not torch.equal(swz.scales, plain.scales)  # the bytes are permuted: reading them row-major is wrong
+    assert torch.equal(swz.dequantize(), plain.dequantize())
+    assert torch.equal(ops.nvfp4_dequantize(swz, torch.bfloat16), ops.nvfp4_dequantize(plain, torch.bfloat16))
+    wq = ops.nvfp4_quantize(w).rowwise
+    wq_swz = ops.nvfp4_quantize(w, swizzle_scales=True).rowwise  # (32, 4) plain, (128, 4) swizzled
+    want = ops.nvfp4_gemm(plain, wq, out_dtype=torch.float32)
+    assert torch.equal(ops.nvfp4_gemm(swz, wq, out_dtype=torch.float32), want)
+    assert torch.equal(ops.nvfp4_gemm(swz, wq_swz, out_dtype=torch.float32), want)
+    assert torch.equal(ops.nvfp4_gemm(wq_swz, swz, out_dtype=torch.float32), want.t())
+    assert torch.equal(nvfp4_dequantize_ref(swz.to("cpu")), plain.dequantize().cpu())
+    # swizzled scales of the wrong shape: a clear error, not an out-of-range read
+    with pytest.raises(ValueError, match=r"swizzled scales .* must have shape \(128, 4\)"):
+        swz._replace(scales=swz.scales[:64]).dequantize()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -386,7 +414,7 @@ def test_nvfp4_gemm_matches_dequantized_float64(device, mnk, out_dtype, poisoned
     b = ops.nvfp4_quantize(torch.randn(n, k, device=device)).rowwise
     got = ops.nvfp4_gemm(a, b, out_dtype=out_dtype)
     assert got.shape == (m, n) and got.dtype == out_dtype
-    want = nvfp4_gemm_ref(NVFP4Tensor(*(t.cpu() for t in a)), NVFP4Tensor(*(t.cpu() for t in b)))
+    want = nvfp4_gemm_ref(a.to("cpu"), b.to("cpu"))
     # The CPU sums K/16 exact block partials in FP32: error <= (K/16 + 2) half-ulps of sum |a||b|. Tensor
     # cores add the products inside each mma with truncation, not RNE: allow ~1 ulp per product on CUDA.
     scale = (nvfp4_gemm_ref(*(NVFP4Tensor(t.codes.cpu() & 0x77, t.scales.cpu(), t.amax.cpu()) for t in (a, b))))
@@ -432,6 +460,19 @@ def test_nvfp4_gemm_zero_tensor(device):
     assert not ops.nvfp4_gemm(z, b, out_dtype=torch.float32).any()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_nvfp4_gemm_empty_k_is_zero(device, out_dtype, poisoned):
+    # K == 0 is an empty sum: zeros on every backend, even when an amax is Inf or NaN (alpha not applied).
+    for amax in (1.0, float("inf"), float("nan")):
+        a = ops.nvfp4_quantize(torch.zeros(32, 0, device=device), amax_rowwise=torch.tensor(amax, device=device)).rowwise
+        b = ops.nvfp4_quantize(torch.zeros(16, 0, device=device)).rowwise
+        assert a.codes.shape == (32, 0) and a.amax.isnan().item() == (amax != amax)
+        got = ops.nvfp4_gemm(a, b, out_dtype=out_dtype)
+        assert got.shape == (32, 16) and got.dtype == out_dtype
+        assert torch.equal(got.cpu(), torch.zeros(32, 16, dtype=out_dtype)), amax
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Registration: opcheck (with non-contiguous samples), compile, bad input
 
@@ -445,10 +486,11 @@ def test_nvfp4_opcheck(device):
                  (x.float().contiguous(), False, True, False, False, False, False, 0, 0, None, None, False)]:
         opcheck(torch.ops.vlcore.nvfp4_quantize.default, args)
     q = ops.nvfp4_quantize(torch.randn(32, 64, device=device), columnwise=True)
-    opcheck(torch.ops.vlcore.nvfp4_dequantize.default, (*q.rowwise, torch.bfloat16))
+    r = q.rowwise
+    opcheck(torch.ops.vlcore.nvfp4_dequantize.default, (r.codes, r.scales, r.amax, torch.bfloat16))
     nc_codes = q.rowwise.codes.t().contiguous().t()  # same values, column-major strides
     opcheck(torch.ops.vlcore.nvfp4_dequantize.default, (nc_codes, q.rowwise.scales, q.rowwise.amax, torch.float32))
-    opcheck(torch.ops.vlcore.nvfp4_gemm.default, (*q.rowwise, nc_codes, q.rowwise.scales, q.rowwise.amax, torch.float32))
+    opcheck(torch.ops.vlcore.nvfp4_gemm.default, (r.codes, r.scales, r.amax, nc_codes, q.rowwise.scales, q.rowwise.amax, torch.float32))
     h = torch.randn(4, 64, device=device, dtype=torch.float64).t().contiguous().t()
     opcheck(torch.ops.vlcore.hadamard_transform.default, (h, False, DEFAULT_SIGN_MASK))
     opcheck(torch.ops.vlcore.hadamard_transform.default, (h.float(), True, 0))
@@ -457,7 +499,7 @@ def test_nvfp4_opcheck(device):
 def test_nvfp4_compiles_fullgraph():
     def f(x, w):
         xq = ops.nvfp4_quantize(x, columnwise=True, rht_columnwise=True)
-        wq = ops.nvfp4_quantize(w, block_2d=True)
+        wq = ops.nvfp4_quantize(w, block_2d=True, swizzle_scales=True)  # unswizzled in the traced graph
         y = ops.nvfp4_gemm(xq.rowwise, wq.rowwise, out_dtype=torch.float32)
         return y + ops.nvfp4_dequantize(xq.columnwise).sum() + ops.hadamard_transform(x.float()).sum()
 

@@ -114,8 +114,8 @@ class _NVFP4LinearFunction(torch.autograd.Function):
         if bias is not None:
             y = y + bias.to(y.dtype)
         saved = []
-        saved += list(xq.columnwise) if need_dw else [None] * 3
-        saved += list(wq.columnwise) if need_dx else [None] * 3
+        saved += [xq.columnwise.codes, xq.columnwise.scales, xq.columnwise.amax] if need_dw else [None] * 3
+        saved += [wq.columnwise.codes, wq.columnwise.scales, wq.columnwise.amax] if need_dx else [None] * 3
         ctx.save_for_backward(*saved)
         ctx.recipe, ctx.seed, ctx.offset, ctx.guard = recipe, seed, offset, guard
         ctx.tokens, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = tokens, x.shape, x.dtype, weight.dtype
@@ -163,8 +163,13 @@ def nvfp4_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 class NVFP4Linear(nn.Linear):
     """Drop-in ``nn.Linear`` whose three GEMMs run in NVFP4 with the paper's recipe.
 
-    It is an ``nn.Linear`` (same parameters, state dict and init), so optimizers, checkpoints and code that
-    inspects ``in_features`` keep working. ``enabled = False`` runs the plain high-precision layer.
+    It is an ``nn.Linear`` (same parameters and init), so optimizers and code that inspects ``in_features`` keep
+    working. ``enabled = False`` runs the plain high-precision layer.
+
+    The state dict adds one int64 buffer, ``sr_state = [seed, step]``, so that a run resumed from a checkpoint
+    draws the same stochastic-rounding bits as the uninterrupted run. A state dict without it (a plain
+    ``nn.Linear`` checkpoint) loads, strictly too, and leaves seed and step as they are; loading an NVFP4Linear
+    state dict into a plain ``nn.Linear`` needs ``strict=False`` (or dropping the ``sr_state`` keys).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, recipe: NVFP4Recipe = NVFP4Recipe(),
@@ -176,9 +181,42 @@ class NVFP4Linear(nn.Linear):
         self.recipe = recipe
         self.guard = guard
         # One Philox key per layer (from torch's generator: reproducible under torch.manual_seed).
-        self.seed = int(torch.randint(0, 2**62, ())) if seed is None else int(seed)
-        self.step = 0  # SR offset: advances every forward, so every step draws fresh bits
+        seed = int(torch.randint(0, 2**62, ())) if seed is None else int(seed)
+        # Checkpointed copy of (seed, step). The live values are Python ints: reading a CUDA buffer every
+        # forward would synchronise with the host; writing it (fill_ of a scalar) does not.
+        self.register_buffer("sr_state", torch.tensor([seed, 0], dtype=torch.int64, device=device))
+        self._seed = seed
+        self._step = 0  # SR offset: advances every forward, so every step draws fresh bits
         self.enabled = True
+
+    @property
+    def seed(self) -> int:
+        """Philox key of this layer's stochastic rounding."""
+        return self._seed
+
+    @property
+    def step(self) -> int:
+        """SR offset of the next forward call (the number of NVFP4 forward calls so far)."""
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step = int(value)
+        self.sr_state[1].fill_(self._step)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        key = prefix + "sr_state"
+        given = state_dict.get(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if given is None:  # a plain nn.Linear checkpoint: keep this layer's seed and step
+            if key in missing_keys:
+                missing_keys.remove(key)
+            return
+        if isinstance(given, torch.Tensor) and given.shape == (2,) and not given.is_meta:
+            # Read from the checkpoint's tensor (usually on the CPU), not from the freshly copied buffer.
+            self._seed, self._step = (int(v) for v in given.tolist())
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, recipe: NVFP4Recipe = NVFP4Recipe(),
@@ -190,6 +228,7 @@ class NVFP4Linear(nn.Linear):
                       seed=seed)
         new.weight = linear.weight
         new.bias = linear.bias
+        new.sr_state = torch.tensor([seed, 0], dtype=torch.int64, device=linear.weight.device)
         return new
 
     # torch.compile runs this layer eagerly (a graph break per layer): the step counter is a Python int
@@ -199,7 +238,7 @@ class NVFP4Linear(nn.Linear):
         if not self.enabled:
             return F.linear(x, self.weight, self.bias)
         offset = self.step
-        self.step += 1
+        self.step = offset + 1
         return nvfp4_linear(x, self.weight, self.bias, recipe=self.recipe, seed=self.seed, offset=offset,
                             guard=self.guard)
 

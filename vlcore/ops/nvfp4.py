@@ -12,7 +12,10 @@ bit for bit): for a tensor ``x`` with ``amax = max|x|``,
 Layouts (spec §2): codes are uint8 ``[R, C/2]`` with the even element in the low nibble; scales are the E4M3
 bytes as uint8 ``[R, C/16]`` (view them with :func:`NVFP4Tensor.scales_e4m3`), or the swizzled 128x4 layout
 padded to ``[roundup(R, 128), roundup(C/16, 4)]``; amax is a 0-d float32 tensor. The columnwise copy is
-stored transposed: it quantizes ``x^T`` (``[C, R]``, blocks of 16 along ``R``).
+stored transposed: it quantizes ``x^T`` (``[C, R]``, blocks of 16 along ``R``). The two scale layouts can
+have the same shape (``R % 128 == 0`` and ``C % 64 == 0``), so :class:`NVFP4Tensor` records which one it
+holds (``swizzled``) and :func:`nvfp4_dequantize` / :func:`nvfp4_gemm` read them accordingly; the raw
+``torch.ops.vlcore`` ops take row-major scales only.
 
 Documented edge cases (spec §1.5): an all-zero tensor gives zero scales and codes; a block whose scale
 underflows E4M3 gets scale 0 (its elements saturate to ±6 but decode to 0); NaN elements are dropped from
@@ -34,7 +37,7 @@ import torch
 __all__ = [
     "NVFP4Tensor", "NVFP4Quantized", "DEFAULT_SIGN_MASK", "nvfp4_quantize", "nvfp4_dequantize", "nvfp4_gemm",
     "hadamard_transform", "hadamard_matrix", "nvfp4_quantize_ref", "nvfp4_dequantize_ref", "nvfp4_gemm_ref",
-    "hadamard_transform_ref", "philox4x32_10_ref", "swizzle_scales_ref",
+    "hadamard_transform_ref", "philox4x32_10_ref", "swizzle_scales_ref", "unswizzle_scales",
 ]
 
 #: TE's wgrad RHT sign vector [1,1,1,-1,1,-1,-1,-1,-1,-1,-1,1,-1,1,-1,-1] as a mask (bit i set where s_i = -1).
@@ -43,11 +46,18 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -
 
 
 class NVFP4Tensor(NamedTuple):
-    """One quantized orientation: ``codes`` uint8 ``[R, C/2]``, ``scales`` uint8 E4M3 bytes, ``amax`` 0-d fp32."""
+    """One quantized orientation: ``codes`` uint8 ``[R, C/2]``, ``scales`` uint8 E4M3 bytes, ``amax`` 0-d fp32.
+
+    ``swizzled`` records the layout of ``scales``: row-major ``[R, C/16]`` (False), or the swizzled 128x4
+    layout ``[roundup(R, 128), roundup(C/16, 4)]`` (True). The two have the same shape whenever ``R % 128 == 0``
+    and ``C % 64 == 0``, so the layout cannot be told from the tensor: :func:`nvfp4_dequantize` and
+    :func:`nvfp4_gemm` read this field (the raw ``torch.ops.vlcore`` ops take row-major scales only).
+    """
 
     codes: torch.Tensor
     scales: torch.Tensor
     amax: torch.Tensor
+    swizzled: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -58,6 +68,16 @@ class NVFP4Tensor(NamedTuple):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return nvfp4_dequantize(self, dtype=dtype)
+
+    def to(self, device) -> "NVFP4Tensor":
+        """The same quantized tensor (and scale layout) on ``device``."""
+        return self._replace(codes=self.codes.to(device), scales=self.scales.to(device), amax=self.amax.to(device))
+
+    def plain_scales(self) -> torch.Tensor:
+        """The scales in the row-major ``[R, C/16]`` layout (a view of ``scales`` when they already are)."""
+        if not self.swizzled:
+            return self.scales
+        return unswizzle_scales(self.scales, self.codes.shape[0], 2 * self.codes.shape[1] // 16)
 
 
 class NVFP4Quantized(NamedTuple):
@@ -86,19 +106,24 @@ def nvfp4_quantize(x: torch.Tensor, *, rowwise: bool = True, columnwise: bool = 
     """
     out = torch.ops.vlcore.nvfp4_quantize(x, rowwise, columnwise, block_2d, rht_rowwise, rht_columnwise, stochastic,
                                           seed, offset, amax_rowwise, amax_columnwise, swizzle_scales)
-    return NVFP4Quantized(NVFP4Tensor(*out[:3]) if rowwise else None,
-                          NVFP4Tensor(*out[3:]) if columnwise else None)
+    return NVFP4Quantized(NVFP4Tensor(*out[:3], swizzled=swizzle_scales) if rowwise else None,
+                          NVFP4Tensor(*out[3:], swizzled=swizzle_scales) if columnwise else None)
 
 
 def nvfp4_dequantize(t: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``e2m1(q) · sb · amax/2688`` as ``dtype`` (float32 or bfloat16). Plain (non-swizzled) scales."""
-    return torch.ops.vlcore.nvfp4_dequantize(t.codes, t.scales, t.amax, dtype)
+    """``e2m1(q) · sb · amax/2688`` as ``dtype`` (float32 or bfloat16). Swizzled scales (``t.swizzled``) are
+    first brought back to the row-major layout that the op reads."""
+    return torch.ops.vlcore.nvfp4_dequantize(t.codes, t.plain_scales(), t.amax, dtype)
 
 
 def nvfp4_gemm(a: NVFP4Tensor, b: NVFP4Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """``C [M, N] = alpha · Σ_blocks (sa·sb)(qa·qb)`` for ``a [M, K]`` and ``b [N, K]`` (both quantized along K,
-    i.e. ``C ≈ A @ B^T``), FP32 accumulation, ``alpha = amax_a·amax_b / 2688²``. M, N, K multiples of 16."""
-    return torch.ops.vlcore.nvfp4_gemm(a.codes, a.scales, a.amax, b.codes, b.scales, b.amax, out_dtype)
+    i.e. ``C ≈ A @ B^T``), FP32 accumulation, ``alpha = amax_a·amax_b / 2688²``. M, N, K multiples of 16.
+
+    With ``K == 0`` the result is zeros on every backend (an empty sum; alpha is not applied, so a non-finite
+    amax does not turn it into NaN). Swizzled scales are first brought back to the row-major layout (a copy
+    of the scales, 1/8 of the codes' bytes): quantize with ``swizzle_scales=False`` to avoid it."""
+    return torch.ops.vlcore.nvfp4_gemm(a.codes, a.plain_scales(), a.amax, b.codes, b.plain_scales(), b.amax, out_dtype)
 
 
 def hadamard_transform(x: torch.Tensor, inverse: bool = False, sign_mask: int = DEFAULT_SIGN_MASK) -> torch.Tensor:
@@ -298,6 +323,17 @@ def swizzle_scales_ref(scales: torch.Tensor) -> torch.Tensor:
     return padded.reshape(rp // 128, 4, 32, cp // 4, 4).permute(0, 3, 2, 1, 4).reshape(rp, cp)
 
 
+def unswizzle_scales(scales: torch.Tensor, rows: int, scale_cols: int) -> torch.Tensor:
+    """Swizzled 128x4 scales ``[roundup(rows,128), roundup(scale_cols,4)]`` back to row-major ``[rows, scale_cols]``."""
+    rp, cp = _round_up(rows, 128), _round_up(scale_cols, 4)
+    if scales.dim() != 2 or tuple(scales.shape) != (rp, cp):
+        raise ValueError(f"unswizzle_scales: swizzled scales of a ({rows}, {16 * scale_cols}) tensor must have shape "
+                         f"({rp}, {cp}), got {tuple(scales.shape)}")
+    # Inverse of swizzle_scales_ref: the stored order (rt, ct, b, a, d) back to row rt*128 + a*32 + b, col ct*4 + d.
+    plain = scales.reshape(rp // 128, cp // 4, 32, 4, 4).permute(0, 3, 2, 1, 4).reshape(rp, cp)
+    return plain[:rows, :scale_cols]
+
+
 def _quantize_matrix_ref(v: torch.Tensor, *, block_2d: bool, rht: bool, stochastic: bool, seed: int, offset: int,
                          orientation: int, amax: Optional[torch.Tensor], swizzle: bool) -> NVFP4Tensor:
     rows, cols = v.shape
@@ -325,7 +361,7 @@ def _quantize_matrix_ref(v: torch.Tensor, *, block_2d: bool, rht: bool, stochast
     codes = _pack(_e2m1_code(scaled.reshape(rows, cols), rbytes))
     if swizzle:
         scale_bytes = swizzle_scales_ref(scale_bytes)
-    return NVFP4Tensor(codes, scale_bytes, amax.clone())
+    return NVFP4Tensor(codes, scale_bytes, amax.clone(), swizzled=swizzle)
 
 
 def nvfp4_quantize_ref(x: torch.Tensor, *, rowwise: bool = True, columnwise: bool = False, block_2d: bool = False,
@@ -342,7 +378,7 @@ def nvfp4_quantize_ref(x: torch.Tensor, *, rowwise: bool = True, columnwise: boo
 def _decode_ref(t: NVFP4Tensor, dtype) -> torch.Tensor:
     lut = torch.tensor(E2M1_VALUES, dtype=dtype, device=t.codes.device)
     codes = torch.stack((t.codes & 0xF, t.codes >> 4), dim=2).reshape(t.codes.shape[0], -1).long()
-    sb = t.scales.view(torch.float8_e4m3fn).to(dtype).repeat_interleave(16, dim=1)
+    sb = t.plain_scales().view(torch.float8_e4m3fn).to(dtype).repeat_interleave(16, dim=1)
     return lut[codes] * sb
 
 
