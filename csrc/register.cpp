@@ -22,13 +22,25 @@ TORCH_LIBRARY(vlcore, m) {
   m.def("seq_unpack(Tensor packed, Tensor cu_seqlens, int padded_len, Scalar pad_value) -> Tensor");
   m.def("scatter_image_embeds(Tensor text_embeds, Tensor image_embeds, Tensor image_positions) -> Tensor");
   m.def("scatter_image_embeds_backward(Tensor grad_out, Tensor image_positions) -> (Tensor, Tensor)");
+
+  m.set_python_module("vlcore.ops.attention");
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+        "int max_seqlen_k, Tensor? key_bias, Tensor? kv_segment, Tensor? key_lengths, bool causal, float scale, "
+        "bool deterministic) -> (Tensor out, Tensor lse)");  // deterministic: recorded for the backward
+  m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor? grad_lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+        "Tensor? key_bias, Tensor? kv_segment, Tensor? key_lengths, bool causal, float scale, "
+        "bool bias_requires_grad, bool deterministic) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, "
+        "Tensor grad_key_bias)");
 }
 
 // Ops with a backend kernel of each kind; the C++ functions are named vlcore::<op>_cpu and <op>_cuda.
 #define VLCORE_CPU_OPS(X) \
-  X(seq_pack) X(seq_unpack) X(scatter_image_embeds) X(scatter_image_embeds_backward)
+  X(seq_pack) X(seq_unpack) X(scatter_image_embeds) X(scatter_image_embeds_backward) \
+  X(attention_forward) X(attention_backward)
 #define VLCORE_CUDA_OPS(X) \
-  X(seq_pack) X(seq_unpack) X(scatter_image_embeds) X(scatter_image_embeds_backward)
+  X(seq_pack) X(seq_unpack) X(scatter_image_embeds) X(scatter_image_embeds_backward) \
+  X(attention_forward) X(attention_backward)
 
 TORCH_LIBRARY_IMPL(vlcore, CPU, m) {
 #define VLCORE_IMPL_CPU(op) m.impl(#op, &vlcore::op##_cpu);
