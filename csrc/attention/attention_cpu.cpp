@@ -1,17 +1,13 @@
 // CPU reference of the attention family: exact softmax attention over varlen segments.
 //
 // Arithmetic is in float32 for float16 / bfloat16 / float32 inputs and in float64 for float64 inputs.
-// Each (query segment, query head) is processed in chunks of kQueryChunk query rows against chunks of
-// kKeyChunk keys with an online softmax, so the score tile never exceeds kQueryChunk x kKeyChunk whatever
-// the segment lengths. Tiles are multiplied with ATen matmuls (BLAS), not scalar loops.
+// Query rows are processed in chunks of kQueryChunk against chunks of kKeyChunk keys with an online
+// softmax, and batches of segments are sized so that a score tile stays under kScoreBudget elements,
+// whatever the segment lengths. Tiles are multiplied with ATen batched matmuls (BLAS), not scalar loops.
 //
-// All heads of a segment go through one batched matmul ([Hkv, group * rows, D] x [Hkv, D, cols] serves
-// GQA), so the per-op overhead is paid per segment, not per (segment, head).
-//
-// Parallelism (at::parallel_for): the forward over query segments; the backward over key segments, each
-// work item owning the dK/dV/d key_bias rows of its key segment and the dQ rows of every query segment
-// that reads it, so no two threads write the same element and the result is deterministic.
-#include <ATen/Parallel.h>
+// Segments of equal shape are batched (see Bucket below); parallelism comes from ATen's intra-op threads
+// inside the batched matmuls and elementwise ops. dK / dV / d key_bias are accumulated with index_add_ in
+// a fixed order, so the result is deterministic.
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/amax.h>
 #include <ATen/ops/arange.h>
@@ -25,6 +21,8 @@
 
 #include <algorithm>
 #include <limits>
+#include <map>
+#include <tuple>
 #include <vector>
 
 #include "attention/attention.h"
@@ -66,70 +64,136 @@ struct Segments {
   }
 };
 
-// All the heads of one segment pair at once, grouped by K/V head so that one batched matmul serves GQA:
-// queries as [Hkv, group * rows, D] (head h = hk * group + j), keys and values as [Hkv, cols, D].
-struct SegmentTiles {
-  int64_t heads_kv, group, head_dim;
-  at::ScalarType acc;
+// Segments with the same (nq, nk, used) are computed together: their rows are gathered into one batch
+// [segments * Hkv, group * rows, D] (head h = hk * group + j, so one batched matmul also serves GQA) and
+// the per-op overhead is paid per bucket of equal-length segments, not per segment and head. Dense
+// batches and ITM copies are one bucket; packed documents of distinct lengths are one bucket each.
+struct Bucket {
+  int64_t nq = 0, nk = 0, used = 0;
+  std::vector<int64_t> segments;
+};
 
-  // q-like rows [start, start + n) of [total, Hq, D] as [Hkv, group * n, D] in the compute dtype.
-  at::Tensor query_rows(const at::Tensor& t, int64_t start, int64_t n) const {
-    return t.narrow(0, start, n).to(acc).permute({1, 0, 2}).reshape({heads_kv, group * n, head_dim});
+std::vector<Bucket> buckets_of(const Segments& seg) {
+  std::map<std::tuple<int64_t, int64_t, int64_t>, Bucket> by_shape;
+  for (int64_t i = 0; i < seg.num_q(); ++i) {
+    const int64_t nq = seg.q_len(i);
+    if (nq == 0) continue;
+    Bucket& b = by_shape[{nq, seg.k_len(i), seg.k_used(i)}];
+    b.nq = nq;
+    b.nk = seg.k_len(i);
+    b.used = seg.k_used(i);
+    b.segments.push_back(i);
   }
-  // The inverse of query_rows, written into rows [start, start + n) of a [total, Hq, D] tensor.
-  void store_query_rows(at::Tensor& dst, int64_t start, const at::Tensor& x) const {
-    const int64_t n = x.size(1) / group;
-    dst.narrow(0, start, n).copy_(x.view({heads_kv * group, n, head_dim}).permute({1, 0, 2}));
+  std::vector<Bucket> out;
+  for (auto& [key, b] : by_shape) out.push_back(std::move(b));
+  return out;
+}
+
+// Row indices [n * len] of `len` rows starting at each segment's start.
+at::Tensor rows_of(const std::vector<int64_t>& starts, int64_t len) {
+  at::Tensor idx = at::empty({int64_t(starts.size()) * len}, at::TensorOptions().dtype(at::kLong));
+  int64_t* p = idx.data_ptr<int64_t>();
+  for (int64_t start : starts) {
+    for (int64_t r = 0; r < len; ++r) *p++ = start + r;
   }
-  at::Tensor key_rows(const at::Tensor& t, int64_t start, int64_t n) const {
-    return t.narrow(0, start, n).to(acc).permute({1, 0, 2});  // [Hkv, n, D], a view when no cast is needed
+  return idx;
+}
+
+// The tensors of one batch of equal-shaped segments, in the compute dtype.
+struct Batch {
+  int64_t n = 0, nq = 0, nk = 0, used = 0, heads_kv = 0, group = 0, head_dim = 0;
+  at::ScalarType acc;
+  at::Tensor q_rows, k_rows;  // [n * nq], [n * used]
+
+  at::Tensor gather_q(const at::Tensor& t) const {  // [n, nq, Hq, D]
+    return t.index_select(0, q_rows).to(acc).view({n, nq, heads_kv * group, head_dim});
+  }
+  at::Tensor gather_kv(const at::Tensor& t) const {  // [n * Hkv, used, D]
+    return t.index_select(0, k_rows).to(acc).view({n, used, heads_kv, head_dim}).permute({0, 2, 1, 3})
+        .reshape({n * heads_kv, used, head_dim});
+  }
+  // Rows [r0, r0 + rows) of a gathered [n, nq, Hq, D] as [n * Hkv, group * rows, D].
+  at::Tensor query_chunk(const at::Tensor& x, int64_t r0, int64_t rows) const {
+    return x.narrow(1, r0, rows).permute({0, 2, 1, 3}).reshape({n * heads_kv, group * rows, head_dim});
+  }
+  // [Hq, total_q]-shaped per-row values (lse, delta) for rows [r0, r0 + rows) as [n * Hkv, group * rows, 1].
+  at::Tensor row_chunk(const at::Tensor& per_row, int64_t r0, int64_t rows) const {
+    return per_row.index_select(1, chunk_rows(r0, rows)).view({heads_kv * group, n, rows}).permute({1, 0, 2})
+        .reshape({n * heads_kv, group * rows, 1});
+  }
+  at::Tensor chunk_rows(int64_t r0, int64_t rows) const {
+    return q_rows.view({n, nq}).narrow(1, r0, rows).reshape({-1});
+  }
+  // [n * Hkv, group * rows, D] back to rows [r0, r0 + rows) of a [total_q, Hq, D] tensor.
+  void store_query_chunk(at::Tensor& dst, int64_t r0, int64_t rows, const at::Tensor& x) const {
+    dst.index_copy_(0, chunk_rows(r0, rows),
+                    x.view({n, heads_kv * group, rows, head_dim}).permute({0, 2, 1, 3})
+                        .reshape({n * rows, heads_kv * group, head_dim}).to(dst.scalar_type()));
+  }
+  // key_bias broadcastable against scores viewed as [n, Hkv, group, rows, used].
+  at::Tensor bias(const std::optional<at::Tensor>& key_bias) const {
+    if (!key_bias.has_value()) return at::Tensor();
+    const at::Tensor b = key_bias->index_select(0, k_rows).to(acc);
+    if (b.dim() == 1) return b.view({n, 1, 1, 1, used});
+    return b.view({n, used, heads_kv * group}).permute({0, 2, 1}).reshape({n, heads_kv, group, 1, used});
   }
 };
 
-// The logits of the query rows [r0, r0 + rows) against keys [c0, c0 + cols) of one segment pair, as
-// [Hkv, group * rows, cols]: scaled, key_bias added, masked keys at -inf. causal_shift = nk - nq
+// The logits of the query rows [r0, r0 + rows) against keys [c0, c0 + cols) of a batch, as
+// [n * Hkv, group * rows, cols]: scaled, key_bias added, masked keys at -inf. causal_shift = nk - nq
 // (bottom-right alignment).
 struct ScoreTile {
-  int64_t r0, rows, group;
+  const Batch& b;
+  int64_t r0, rows;
   double scale;
   bool causal;
-  int64_t causal_shift;
 
-  at::Tensor scores(const at::Tensor& Qc, const at::Tensor& Kc, int64_t c0, const at::Tensor& bias_c) const {
-    const int64_t cols = Kc.size(1);
+  at::Tensor scores(const at::Tensor& Qc, const at::Tensor& Kc, int64_t c0, const at::Tensor& bias) const {
+    const int64_t cols = Kc.size(1), shift = b.nk - b.nq;
     at::Tensor s = at::bmm(Qc, Kc.transpose(1, 2)).mul_(scale);
-    at::Tensor s4 = s.view({s.size(0), group, rows, cols});
-    if (bias_c.defined()) s4.add_(bias_c);  // [cols] or [Hkv, group, 1, cols]
-    if (causal && c0 + cols - 1 > r0 + causal_shift) {  // the chunk crosses the diagonal
+    at::Tensor s5 = s.view({b.n, b.heads_kv, b.group, rows, cols});
+    if (bias.defined()) s5.add_(bias.narrow(-1, c0, cols));
+    if (causal && c0 + cols - 1 > r0 + shift) {  // the chunk crosses the diagonal
       const auto opts = at::TensorOptions().dtype(at::kLong);
-      const at::Tensor limit = at::arange(r0 + causal_shift, r0 + causal_shift + rows, opts).unsqueeze(1);
-      s4.masked_fill_(at::arange(c0, c0 + cols, opts).unsqueeze(0) > limit, kNegInf);
+      const at::Tensor limit = at::arange(r0 + shift, r0 + shift + rows, opts).unsqueeze(1);
+      s5.masked_fill_(at::arange(c0, c0 + cols, opts).unsqueeze(0) > limit, kNegInf);
     }
     return s;
   }
   // Keys at or beyond this bound are masked for every row of the chunk (causal), so their chunks are skipped.
-  int64_t key_end(int64_t used) const {
-    return causal ? std::clamp<int64_t>(r0 + rows + causal_shift, 0, used) : used;
-  }
+  int64_t key_end() const { return causal ? std::clamp<int64_t>(r0 + rows + b.nk - b.nq, 0, b.used) : b.used; }
 };
 
-// key_bias over the keys [start, start + n) of a segment, broadcastable against [Hkv, group, rows, n].
-at::Tensor bias_tile(const std::optional<at::Tensor>& key_bias, int64_t start, int64_t n, int64_t heads_kv,
-                     int64_t group, at::ScalarType acc) {
-  if (!key_bias.has_value()) return at::Tensor();
-  const at::Tensor b = key_bias->narrow(0, start, n).to(acc);
-  if (b.dim() == 1) return b.contiguous();
-  return b.t().reshape({heads_kv, group, 1, n});
-}
+// Splits each bucket into batches whose score tile stays under kScoreBudget elements.
+constexpr int64_t kScoreBudget = int64_t(1) << 22;
 
-at::Tensor narrow_bias(const at::Tensor& bias, int64_t c0, int64_t cols) {
-  return bias.defined() ? bias.narrow(-1, c0, cols) : bias;
-}
-
-// Run small problems on the calling thread: below ~1 MFLOP a thread handoff costs more than it saves.
-int64_t grain_for(int64_t items, int64_t total_q, int64_t max_seqlen_k, int64_t heads_q, int64_t head_dim) {
-  const double flops = 4.0 * double(total_q) * double(max_seqlen_k) * double(heads_q) * double(head_dim);
-  return flops < 1e6 ? std::max<int64_t>(items, 1) : 1;
+template <typename Fn>
+void for_each_batch(const Segments& seg, const Shape& s, at::ScalarType acc, Fn&& fn) {
+  const int64_t group = s.heads_q / s.heads_kv;
+  for (const Bucket& bucket : buckets_of(seg)) {
+    const int64_t tile = s.heads_q * std::min(bucket.nq, kQueryChunk) * std::max<int64_t>(1, std::min(bucket.used, kKeyChunk));
+    const int64_t per_batch = std::max<int64_t>(1, kScoreBudget / tile);
+    for (size_t first = 0; first < bucket.segments.size(); first += per_batch) {
+      const size_t last = std::min(bucket.segments.size(), first + size_t(per_batch));
+      std::vector<int64_t> q_starts, k_starts;
+      for (size_t j = first; j < last; ++j) {
+        q_starts.push_back(seg.q_start(bucket.segments[j]));
+        k_starts.push_back(seg.k_start(bucket.segments[j]));
+      }
+      Batch b;
+      b.n = int64_t(last - first);
+      b.nq = bucket.nq;
+      b.nk = bucket.nk;
+      b.used = bucket.used;
+      b.heads_kv = s.heads_kv;
+      b.group = group;
+      b.head_dim = s.head_dim;
+      b.acc = acc;
+      b.q_rows = rows_of(q_starts, bucket.nq);
+      b.k_rows = rows_of(k_starts, bucket.used);
+      fn(b);
+    }
+  }
 }
 
 }  // namespace
@@ -144,47 +208,38 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
                                                   key_bias, kv_segment, key_lengths);
   attention_detail::check_segment_values(op, s, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, kv_segment);
   const at::ScalarType acc = attention_detail::lse_dtype(q.scalar_type());
-  at::Tensor out = at::empty({s.total_q, s.heads_q, s.head_dim}, q.options());
-  at::Tensor lse = at::empty({s.heads_q, s.total_q}, q.options().dtype(acc));
-  const Segments seg(cu_seqlens_q, cu_seqlens_k, kv_segment, key_lengths);
-  const int64_t group = s.heads_q / s.heads_kv;
-  const SegmentTiles tiles{s.heads_kv, group, s.head_dim, acc};
   const auto acc_opts = q.options().dtype(acc);
-  const int64_t items = seg.num_q();
+  at::Tensor out = at::empty({s.total_q, s.heads_q, s.head_dim}, q.options());
+  at::Tensor lse = at::empty({s.heads_q, s.total_q}, acc_opts);
+  const Segments seg(cu_seqlens_q, cu_seqlens_k, kv_segment, key_lengths);
 
-  at::parallel_for(0, items, grain_for(items, s.total_q, max_seqlen_k, s.heads_q, s.head_dim), [&](int64_t begin,
-                                                                                                  int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t nq = seg.q_len(i), qs = seg.q_start(i);
-      if (nq == 0) continue;
-      const int64_t nk = seg.k_len(i), ks = seg.k_start(i), used = seg.k_used(i);
-      const at::Tensor K = tiles.key_rows(k, ks, used), V = tiles.key_rows(v, ks, used);
-      const at::Tensor bias = bias_tile(key_bias, ks, used, s.heads_kv, group, acc);
-      for (int64_t r0 = 0; r0 < nq; r0 += kQueryChunk) {
-        const int64_t rows = std::min(kQueryChunk, nq - r0);
-        const at::Tensor Qc = tiles.query_rows(q, qs + r0, rows);
-        const ScoreTile tile{r0, rows, group, scale, causal, nk - nq};
-        const int64_t n = Qc.size(1);
-        at::Tensor m = at::full({s.heads_kv, n, 1}, kNegInf, acc_opts);  // running row max
-        at::Tensor l = at::zeros({s.heads_kv, n, 1}, acc_opts);          // running sum of exp(s - m)
-        at::Tensor o = at::zeros({s.heads_kv, n, s.head_dim}, acc_opts);
-        at::Tensor m_safe = at::zeros({s.heads_kv, n, 1}, acc_opts);  // m with -inf as 0: exp() never sees nan
-        for (int64_t c0 = 0, c1 = tile.key_end(used); c0 < c1; c0 += kKeyChunk) {
-          const int64_t cols = std::min(kKeyChunk, c1 - c0);
-          const at::Tensor sc = tile.scores(Qc, K.narrow(1, c0, cols), c0, narrow_bias(bias, c0, cols));
-          const at::Tensor m_new = at::maximum(m, sc.amax(2, /*keepdim=*/true));
-          m_safe = m_new.masked_fill(m_new == kNegInf, 0.0);
-          const at::Tensor p = (sc - m_safe).exp_();
-          const at::Tensor rescale = (m - m_safe).exp_();
-          l = l.mul_(rescale).add_(p.sum(2, /*keepdim=*/true));
-          o = o.mul_(rescale).baddbmm_(p, V.narrow(1, c0, cols));
-          m = m_new;
-        }
-        const at::Tensor unseen = l == 0;
-        tiles.store_query_rows(out, qs + r0, (o / l).masked_fill_(unseen, 0.0));
-        lse.narrow(1, qs + r0, rows)
-            .copy_((m_safe + at::log(l)).masked_fill_(unseen, kNegInf).view({s.heads_q, rows}));
+  for_each_batch(seg, s, acc, [&](const Batch& b) {
+    const at::Tensor Q = b.gather_q(q), K = b.gather_kv(k), V = b.gather_kv(v), bias = b.bias(key_bias);
+    const int64_t bh = b.n * b.heads_kv;
+    for (int64_t r0 = 0; r0 < b.nq; r0 += kQueryChunk) {
+      const int64_t rows = std::min(kQueryChunk, b.nq - r0), n = b.group * rows;
+      const at::Tensor Qc = b.query_chunk(Q, r0, rows);
+      const ScoreTile tile{b, r0, rows, scale, causal};
+      at::Tensor m = at::full({bh, n, 1}, kNegInf, acc_opts);  // running row max
+      at::Tensor l = at::zeros({bh, n, 1}, acc_opts);          // running sum of exp(s - m)
+      at::Tensor o = at::zeros({bh, n, s.head_dim}, acc_opts);
+      at::Tensor m_safe = at::zeros({bh, n, 1}, acc_opts);  // m with -inf as 0: exp() never sees -inf - -inf
+      for (int64_t c0 = 0, c1 = tile.key_end(); c0 < c1; c0 += kKeyChunk) {
+        const int64_t cols = std::min(kKeyChunk, c1 - c0);
+        const at::Tensor sc = tile.scores(Qc, K.narrow(1, c0, cols), c0, bias);
+        const at::Tensor m_new = at::maximum(m, sc.amax(2, /*keepdim=*/true));
+        m_safe = m_new.masked_fill(m_new == kNegInf, 0.0);
+        const at::Tensor p = (sc - m_safe).exp_();
+        const at::Tensor rescale = (m - m_safe).exp_();
+        l = l.mul_(rescale).add_(p.sum(2, /*keepdim=*/true));
+        o = o.mul_(rescale).baddbmm_(p, V.narrow(1, c0, cols));
+        m = m_new;
       }
+      const at::Tensor unseen = l == 0;
+      b.store_query_chunk(out, r0, rows, (o / l).masked_fill_(unseen, 0.0));
+      const at::Tensor row_lse = (m_safe + at::log(l)).masked_fill_(unseen, kNegInf);
+      lse.index_copy_(1, b.chunk_rows(r0, rows),
+                      row_lse.view({b.n, s.heads_q, rows}).permute({1, 0, 2}).reshape({s.heads_q, b.n * rows}));
     }
   });
   return {out, lse};
@@ -206,12 +261,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   const at::ScalarType acc = attention_detail::lse_dtype(q.scalar_type());
   const auto acc_opts = q.options().dtype(acc);
   const Segments seg(cu_seqlens_q, cu_seqlens_k, kv_segment, key_lengths);
-  const int64_t group = s.heads_q / s.heads_kv;
-  const SegmentTiles tiles{s.heads_kv, group, s.head_dim, acc};
-
-  // Query segments grouped by the key segment they read.
-  std::vector<std::vector<int64_t>> readers(s.num_k_segments);
-  for (int64_t i = 0; i < seg.num_q(); ++i) readers[seg.key_segment(i)].push_back(i);
 
   at::Tensor dq = at::zeros({s.total_q, s.heads_q, s.head_dim}, acc_opts);
   at::Tensor dk = at::zeros({s.total_k, s.heads_kv, s.head_dim}, acc_opts);
@@ -223,46 +272,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   if (grad_lse.has_value()) D = D - *grad_lse;
   // Rows that saw no key have lse = -inf and P = 0: exp(s - (+inf)) gives exactly that.
   const at::Tensor lse_safe = lse.masked_fill(lse == kNegInf, std::numeric_limits<double>::infinity());
-  const int64_t items = s.num_k_segments;
 
-  at::parallel_for(0, items, grain_for(items, s.total_q, max_seqlen_k, s.heads_q, s.head_dim), [&](int64_t begin,
-                                                                                                  int64_t end) {
-    for (int64_t sk = begin; sk < end; ++sk) {
-      const int64_t ks = seg.cu_k[sk], nk = int64_t(seg.cu_k[sk + 1]) - ks;
-      if (nk == 0 || readers[sk].empty()) continue;
-      const at::Tensor K = tiles.key_rows(k, ks, nk), V = tiles.key_rows(v, ks, nk);
-      at::Tensor dK = at::zeros({s.heads_kv, nk, s.head_dim}, acc_opts);
-      at::Tensor dV = at::zeros({s.heads_kv, nk, s.head_dim}, acc_opts);
-      at::Tensor dB = bias_requires_grad ? at::zeros({s.heads_kv, group, nk}, acc_opts) : at::Tensor();
-      const at::Tensor bias = bias_tile(key_bias, ks, nk, s.heads_kv, group, acc);
-      for (int64_t i : readers[sk]) {
-        const int64_t nq = seg.q_len(i), qs = seg.q_start(i), used = seg.k_used(i);
-        if (nq == 0 || used == 0) continue;
-        for (int64_t r0 = 0; r0 < nq; r0 += kQueryChunk) {
-          const int64_t rows = std::min(kQueryChunk, nq - r0);
-          const at::Tensor Qc = tiles.query_rows(q, qs + r0, rows), dOc = tiles.query_rows(grad_out, qs + r0, rows);
-          const int64_t n = Qc.size(1);
-          const at::Tensor lse_c = lse_safe.narrow(1, qs + r0, rows).reshape({s.heads_kv, n, 1});
-          const at::Tensor D_c = D.narrow(1, qs + r0, rows).reshape({s.heads_kv, n, 1});
-          const ScoreTile tile{r0, rows, group, scale, causal, nk - nq};
-          at::Tensor dQc = at::zeros({s.heads_kv, n, s.head_dim}, acc_opts);
-          for (int64_t c0 = 0, c1 = tile.key_end(used); c0 < c1; c0 += kKeyChunk) {
-            const int64_t cols = std::min(kKeyChunk, c1 - c0);
-            const at::Tensor Kc = K.narrow(1, c0, cols), Vc = V.narrow(1, c0, cols);
-            const at::Tensor p = (tile.scores(Qc, Kc, c0, narrow_bias(bias, c0, cols)) - lse_c).exp_();
-            // gradient of the biased, scaled logits
-            const at::Tensor ds = p * (at::bmm(dOc, Vc.transpose(1, 2)) - D_c);
-            dV.narrow(1, c0, cols).baddbmm_(p.transpose(1, 2), dOc);
-            dK.narrow(1, c0, cols).baddbmm_(ds.transpose(1, 2), Qc, 1.0, scale);
-            dQc.baddbmm_(ds, Kc, 1.0, scale);
-            if (dB.defined()) dB.narrow(2, c0, cols).add_(ds.view({s.heads_kv, group, rows, cols}).sum(2));
-          }
-          tiles.store_query_rows(dq, qs + r0, dQc);
-        }
+  for_each_batch(seg, s, acc, [&](const Batch& b) {
+    if (b.used == 0) return;  // no key read: dq stays 0, nothing flows to k, v or the bias
+    const at::Tensor Q = b.gather_q(q), dO = b.gather_q(grad_out), K = b.gather_kv(k), V = b.gather_kv(v);
+    const at::Tensor bias = b.bias(key_bias);
+    const int64_t bh = b.n * b.heads_kv;
+    at::Tensor dK = at::zeros({bh, b.used, s.head_dim}, acc_opts), dV = at::zeros({bh, b.used, s.head_dim}, acc_opts);
+    at::Tensor dB = bias_requires_grad ? at::zeros({b.n, b.heads_kv, b.group, b.used}, acc_opts) : at::Tensor();
+    for (int64_t r0 = 0; r0 < b.nq; r0 += kQueryChunk) {
+      const int64_t rows = std::min(kQueryChunk, b.nq - r0);
+      const at::Tensor Qc = b.query_chunk(Q, r0, rows), dOc = b.query_chunk(dO, r0, rows);
+      const at::Tensor lse_c = b.row_chunk(lse_safe, r0, rows), D_c = b.row_chunk(D, r0, rows);
+      const ScoreTile tile{b, r0, rows, scale, causal};
+      at::Tensor dQc = at::zeros({bh, b.group * rows, s.head_dim}, acc_opts);
+      for (int64_t c0 = 0, c1 = tile.key_end(); c0 < c1; c0 += kKeyChunk) {
+        const int64_t cols = std::min(kKeyChunk, c1 - c0);
+        const at::Tensor Kc = K.narrow(1, c0, cols), Vc = V.narrow(1, c0, cols);
+        const at::Tensor p = (tile.scores(Qc, Kc, c0, bias) - lse_c).exp_();
+        const at::Tensor ds = p * (at::bmm(dOc, Vc.transpose(1, 2)) - D_c);  // d loss / d (biased, scaled logits)
+        dV.narrow(1, c0, cols).baddbmm_(p.transpose(1, 2), dOc);
+        dK.narrow(1, c0, cols).baddbmm_(ds.transpose(1, 2), Qc, 1.0, scale);
+        dQc.baddbmm_(ds, Kc, 1.0, scale);
+        if (dB.defined()) dB.narrow(3, c0, cols).add_(ds.view({b.n, b.heads_kv, b.group, rows, cols}).sum(3));
       }
-      dk.narrow(0, ks, nk).copy_(dK.permute({1, 0, 2}));
-      dv.narrow(0, ks, nk).copy_(dV.permute({1, 0, 2}));
-      if (dB.defined()) dbias.narrow(0, ks, nk).copy_(dB.view({s.heads_q, nk}).t());
+      b.store_query_chunk(dq, r0, rows, dQc);
+    }
+    // Key rows are shared by every query segment reading them (kv_segment): accumulate, in a fixed order.
+    const auto key_major = [&](const at::Tensor& x) {  // [n * Hkv, used, D] -> [n * used, Hkv, D]
+      return x.view({b.n, b.heads_kv, b.used, s.head_dim}).permute({0, 2, 1, 3}).reshape({b.n * b.used, b.heads_kv, s.head_dim});
+    };
+    dk.index_add_(0, b.k_rows, key_major(dK));
+    dv.index_add_(0, b.k_rows, key_major(dV));
+    if (dB.defined()) {
+      dbias.index_add_(0, b.k_rows, dB.view({b.n, s.heads_q, b.used}).permute({0, 2, 1}).reshape({b.n * b.used, s.heads_q}));
     }
   });
   at::Tensor grad_bias = at::empty({0}, q.options());
