@@ -125,6 +125,71 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const ui
 #endif
 }
 
+// Fragment loaders over row-major shared tiles (row length ld); g = lane / 4, t = lane % 4.
+// A 16x16 whose rows are tile rows [row0, row0 + 16) and k the columns [col0, col0 + 16).
+template <typename T>
+__device__ __forceinline__ void a_from_rows(uint32_t (&a)[4], const T* s, int ld, int row0, int col0, int g, int t) {
+  a[0] = ld_pair(&s[(row0 + g) * ld + col0 + 2 * t]);
+  a[1] = ld_pair(&s[(row0 + g + 8) * ld + col0 + 2 * t]);
+  a[2] = ld_pair(&s[(row0 + g) * ld + col0 + 8 + 2 * t]);
+  a[3] = ld_pair(&s[(row0 + g + 8) * ld + col0 + 8 + 2 * t]);
+}
+// B 16x8 with n the tile rows [n0, n0 + 8) and k the columns [col0, col0 + 16): the tile read transposed
+// (K for Q K^T), two adjacent elements per register.
+template <typename T>
+__device__ __forceinline__ void b_from_row_major(uint32_t (&b)[2], const T* s, int ld, int n0, int col0, int g, int t) {
+  b[0] = ld_pair(&s[(n0 + g) * ld + col0 + 2 * t]);
+  b[1] = ld_pair(&s[(n0 + g) * ld + col0 + 8 + 2 * t]);
+}
+// B 16x8 with k the tile rows [k0, k0 + 16) and n the column `col0 + g` (V for P V): elements of two rows
+// packed per register.
+template <typename T>
+__device__ __forceinline__ void b_from_col(uint32_t (&b)[2], const T* s, int ld, int k0, int col0, int g, int t) {
+  const int k = k0 + 2 * t, c = col0 + g;
+  b[0] = pack_pair(s[k * ld + c], s[(k + 1) * ld + c]);
+  b[1] = pack_pair(s[(k + 8) * ld + c], s[(k + 9) * ld + c]);
+}
+// Two float accumulator tiles (16 x 8 each, columns [16 kk, 16 kk + 16)) re-packed as one A fragment.
+template <typename T, int N>
+__device__ __forceinline__ void a_from_accum(uint32_t (&a)[4], const float (&acc)[N][4], int kk) {
+  a[0] = Num<T>::pack(acc[2 * kk][0], acc[2 * kk][1]);
+  a[1] = Num<T>::pack(acc[2 * kk][2], acc[2 * kk][3]);
+  a[2] = Num<T>::pack(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+  a[3] = Num<T>::pack(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+}
+template <int N>
+__device__ __forceinline__ void zero(float (&acc)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+}
+// Row `half` (0: g, 1: g + 8) of the accumulator tiles [N][4] (columns 8 i + 2t, + 1), times `scale`,
+// stored to a contiguous row of N * 8 elements.
+template <typename T, int N>
+__device__ __forceinline__ void store_accum_row(T* dst, const float (&acc)[N][4], int half, float scale, int t) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    *reinterpret_cast<uint32_t*>(dst + i * 8 + 2 * t) = Num<T>::pack(acc[i][2 * half] * scale, acc[i][2 * half + 1] * scale);
+  }
+}
+
+// out[16 x DOUT] += A[16 x K] B[K x DOUT], A given as float accumulator tiles [K / 8][4] (re-packed to T),
+// B the shared tile rows [0, K) from column col0 (V in P V, K in dS K, dO in P^T dO, Q in dS^T Q).
+template <typename T, int K, int DOUT>
+__device__ __forceinline__ void mma_accum_times_rows(float (&out)[DOUT / 8][4], const float (&acc)[K / 8][4],
+                                                     const T* s, int ld, int col0, int g, int t) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[4];
+    a_from_accum<T>(a, acc, kk);
+#pragma unroll
+    for (int dt = 0; dt < DOUT / 8; ++dt) {
+      uint32_t b[2];
+      b_from_col(b, s, ld, kk * 16, col0 + dt * 8, g, t);
+      mma_16816<T>(out[dt], a, b);
+    }
+  }
+}
+
 // Sum (or max) over the 4 threads of a quad, which hold the columns of the same two rows.
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
@@ -235,16 +300,10 @@ __global__ void __launch_bounds__(Tiles<D>::kThreads) attention_forward_kernel(c
   const int wr = warp * 16;
   uint32_t qf[D / 16][4];
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    qf[kk][0] = ld_pair(&sQ[(wr + g) * LD + kk * 16 + 2 * t]);
-    qf[kk][1] = ld_pair(&sQ[(wr + g + 8) * LD + kk * 16 + 2 * t]);
-    qf[kk][2] = ld_pair(&sQ[(wr + g) * LD + kk * 16 + 8 + 2 * t]);
-    qf[kk][3] = ld_pair(&sQ[(wr + g + 8) * LD + kk * 16 + 8 + 2 * t]);
-  }
+  for (int kk = 0; kk < D / 16; ++kk) a_from_rows(qf[kk], sQ, LD, wr, kk * 16, g, t);
 
   float o[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  zero(o);
   float m[2] = {kNegInf, kNegInf}, m_safe[2] = {0.f, 0.f}, l[2] = {0.f, 0.f};
   const int shift = sv.nk - sv.nq;  // bottom-right causal alignment
   const int rows[2] = {m0 + wr + g, m0 + wr + g + 8};  // segment-relative query rows of this thread
@@ -261,13 +320,13 @@ __global__ void __launch_bounds__(Tiles<D>::kThreads) attention_forward_kernel(c
     __syncthreads();
 
     float s[BN / 8][4];
+    zero(s);
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
-      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        const uint32_t b[2] = {ld_pair(&sK[(nt * 8 + g) * LD + kk * 16 + 2 * t]),
-                               ld_pair(&sK[(nt * 8 + g) * LD + kk * 16 + 8 + 2 * t])};
+        uint32_t b[2];
+        b_from_row_major(b, sK, LD, nt * 8, kk * 16, g, t);
         mma_16816<T>(s[nt], qf[kk], b);
       }
     }
@@ -309,20 +368,7 @@ __global__ void __launch_bounds__(Tiles<D>::kThreads) attention_forward_kernel(c
       }
     }
     // O += P V: the S accumulators re-packed as A fragments; V read as B (k = key, n = dim).
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      const uint32_t a[4] = {Num<T>::pack(s[2 * kk][0], s[2 * kk][1]), Num<T>::pack(s[2 * kk][2], s[2 * kk][3]),
-                             Num<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             Num<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-      const int key = kk * 16 + 2 * t;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        const int d = dt * 8 + g;
-        const uint32_t b[2] = {pack_pair(sV[key * LD + d], sV[(key + 1) * LD + d]),
-                               pack_pair(sV[(key + 8) * LD + d], sV[(key + 9) * LD + d])};
-        mma_16816<T>(o[dt], a, b);
-      }
-    }
+    mma_accum_times_rows<T, BN, D>(o, s, sV, LD, 0, g, t);
   }
 
   T* out = static_cast<T*>(p.out);
@@ -332,11 +378,7 @@ __global__ void __launch_bounds__(Tiles<D>::kThreads) attention_forward_kernel(c
     const int row = rows[r];
     if (row >= sv.nq) continue;
     const float inv = total > 0.f ? 1.f / total : 0.f;  // a row that saw no key gives 0
-    T* dst = out + (int64_t(sv.qs + row) * p.heads_q + h) * D;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<uint32_t*>(dst + dt * 8 + 2 * t) = Num<T>::pack(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
-    }
+    store_accum_row<T>(out + (int64_t(sv.qs + row) * p.heads_q + h) * D, o, r, inv, t);
     if (t == 0) p.lse[int64_t(h) * p.total_q + sv.qs + row] = total > 0.f ? m_safe[r] + logf(total) : kNegInf;
   }
 }
@@ -400,11 +442,8 @@ __global__ void __launch_bounds__(Tiles<D>::kThreads) attention_backward_dkdv_ke
   const int kw = warp * 16;                             // this warp's 16 keys in the tile
   const int keys[2] = {n0 + kw + g, n0 + kw + g + 8};   // segment-relative key rows of this thread
   float dk[D / 8][4], dv[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
-  }
+  zero(dk);
+  zero(dv);
   const int reader_begin = clampi(p.reader_offsets[sk], 0, p.num_q_segments);
   const int reader_end = clampi(p.reader_offsets[sk + 1], reader_begin, p.num_q_segments);
 
@@ -435,22 +474,18 @@ __global__ void __launch_bounds__(Tiles<D>::kThreads) attention_backward_dkdv_ke
 
         // S^T = K Q^T and dP^T = V dO^T, 16 keys x BQ queries per warp
         float st[BQ / 8][4], dpt[BQ / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < BQ / 8; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
-        }
+        zero(st);
+        zero(dpt);
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-          const int c = kk * 16 + 2 * t;
-          const uint32_t ka[4] = {ld_pair(&sK[(kw + g) * LD + c]), ld_pair(&sK[(kw + g + 8) * LD + c]),
-                                  ld_pair(&sK[(kw + g) * LD + c + 8]), ld_pair(&sK[(kw + g + 8) * LD + c + 8])};
-          const uint32_t va[4] = {ld_pair(&sV[(kw + g) * LD + c]), ld_pair(&sV[(kw + g + 8) * LD + c]),
-                                  ld_pair(&sV[(kw + g) * LD + c + 8]), ld_pair(&sV[(kw + g + 8) * LD + c + 8])};
+          uint32_t ka[4], va[4];
+          a_from_rows(ka, sK, LD, kw, kk * 16, g, t);
+          a_from_rows(va, sV, LD, kw, kk * 16, g, t);
 #pragma unroll
           for (int nt = 0; nt < BQ / 8; ++nt) {
-            const uint32_t qb[2] = {ld_pair(&sQ[(nt * 8 + g) * LD + c]), ld_pair(&sQ[(nt * 8 + g) * LD + c + 8])};
-            const uint32_t ob[2] = {ld_pair(&sdO[(nt * 8 + g) * LD + c]), ld_pair(&sdO[(nt * 8 + g) * LD + c + 8])};
+            uint32_t qb[2], ob[2];
+            b_from_row_major(qb, sQ, LD, nt * 8, kk * 16, g, t);
+            b_from_row_major(ob, sdO, LD, nt * 8, kk * 16, g, t);
             mma_16816<T>(st[nt], ka, qb);
             mma_16816<T>(dpt[nt], va, ob);
           }
@@ -470,27 +505,8 @@ __global__ void __launch_bounds__(Tiles<D>::kThreads) attention_backward_dkdv_ke
           }
         }
         // dV += P^T dO and dK += dS^T Q: A from the accumulators, B (k = query, n = dim) from shared rows
-#pragma unroll
-        for (int kq = 0; kq < BQ / 16; ++kq) {
-          const uint32_t pa[4] = {Num<T>::pack(st[2 * kq][0], st[2 * kq][1]), Num<T>::pack(st[2 * kq][2], st[2 * kq][3]),
-                                  Num<T>::pack(st[2 * kq + 1][0], st[2 * kq + 1][1]),
-                                  Num<T>::pack(st[2 * kq + 1][2], st[2 * kq + 1][3])};
-          const uint32_t sa[4] = {Num<T>::pack(dpt[2 * kq][0], dpt[2 * kq][1]),
-                                  Num<T>::pack(dpt[2 * kq][2], dpt[2 * kq][3]),
-                                  Num<T>::pack(dpt[2 * kq + 1][0], dpt[2 * kq + 1][1]),
-                                  Num<T>::pack(dpt[2 * kq + 1][2], dpt[2 * kq + 1][3])};
-          const int qr = kq * 16 + 2 * t;
-#pragma unroll
-          for (int dt = 0; dt < D / 8; ++dt) {
-            const int d = dt * 8 + g;
-            const uint32_t ob[2] = {pack_pair(sdO[qr * LD + d], sdO[(qr + 1) * LD + d]),
-                                    pack_pair(sdO[(qr + 8) * LD + d], sdO[(qr + 9) * LD + d])};
-            const uint32_t qb[2] = {pack_pair(sQ[qr * LD + d], sQ[(qr + 1) * LD + d]),
-                                    pack_pair(sQ[(qr + 8) * LD + d], sQ[(qr + 9) * LD + d])};
-            mma_16816<T>(dv[dt], pa, ob);
-            mma_16816<T>(dk[dt], sa, qb);
-          }
-        }
+        mma_accum_times_rows<T, BQ, D>(dv, st, sdO, LD, 0, g, t);
+        mma_accum_times_rows<T, BQ, D>(dk, dpt, sQ, LD, 0, g, t);
         if constexpr (kAtomicDq) {
           // Stage dS^T, then dQ[BQ, D] += dS K over this CTA's 64 keys: warps split queries (16 rows each)
           // and, when BQ < 64, head dims.
@@ -506,10 +522,10 @@ __global__ void __launch_bounds__(Tiles<D>::kThreads) attention_backward_dkdv_ke
           constexpr int kQueryBlocks = BQ / 16, kDimSplit = C::kWarps / kQueryBlocks, kDims = D / kDimSplit;
           const int qb = warp % kQueryBlocks, d0 = (warp / kQueryBlocks) * kDims;
           float dq[kDims / 8][4];
-#pragma unroll
-          for (int i = 0; i < kDims / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+          zero(dq);
 #pragma unroll
           for (int kk = 0; kk < BN / 16; ++kk) {
+            // A = dS [queries x keys], read from the staged dS^T: elements of two key rows per register
             const int key = kk * 16 + 2 * t, qrow = qb * 16 + g;
             const uint32_t a[4] = {pack_pair(sdS[key * LDS + qrow], sdS[(key + 1) * LDS + qrow]),
                                    pack_pair(sdS[key * LDS + qrow + 8], sdS[(key + 1) * LDS + qrow + 8]),
@@ -517,9 +533,8 @@ __global__ void __launch_bounds__(Tiles<D>::kThreads) attention_backward_dkdv_ke
                                    pack_pair(sdS[(key + 8) * LDS + qrow + 8], sdS[(key + 9) * LDS + qrow + 8])};
 #pragma unroll
             for (int dt = 0; dt < kDims / 8; ++dt) {
-              const int d = d0 + dt * 8 + g;
-              const uint32_t b[2] = {pack_pair(sK[key * LD + d], sK[(key + 1) * LD + d]),
-                                     pack_pair(sK[(key + 8) * LD + d], sK[(key + 9) * LD + d])};
+              uint32_t b[2];
+              b_from_col(b, sK, LD, kk * 16, d0 + dt * 8, g, t);
               mma_16816<T>(dq[dt], a, b);
             }
           }
@@ -552,12 +567,8 @@ __global__ void __launch_bounds__(Tiles<D>::kThreads) attention_backward_dkdv_ke
   for (int r = 0; r < 2; ++r) {
     if (keys[r] >= nk) continue;
     const int64_t at = (int64_t(ks + keys[r]) * p.heads_kv + hk) * D;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<uint32_t*>(dk_out + at + dt * 8 + 2 * t) =
-          Num<T>::pack(dk[dt][2 * r] * p.scale, dk[dt][2 * r + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(dv_out + at + dt * 8 + 2 * t) = Num<T>::pack(dv[dt][2 * r], dv[dt][2 * r + 1]);
-    }
+    store_accum_row<T>(dk_out + at, dk, r, p.scale, t);
+    store_accum_row<T>(dv_out + at, dv, r, 1.f, t);
   }
 }
 
@@ -590,15 +601,8 @@ __global__ void __launch_bounds__(Tiles<D>::kThreads) attention_backward_dq_kern
   uint32_t qf[D / 16][4], of[D / 16][4];
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    const int c = kk * 16 + 2 * t;
-    qf[kk][0] = ld_pair(&sQ[(wr + g) * LD + c]);
-    qf[kk][1] = ld_pair(&sQ[(wr + g + 8) * LD + c]);
-    qf[kk][2] = ld_pair(&sQ[(wr + g) * LD + c + 8]);
-    qf[kk][3] = ld_pair(&sQ[(wr + g + 8) * LD + c + 8]);
-    of[kk][0] = ld_pair(&sdO[(wr + g) * LD + c]);
-    of[kk][1] = ld_pair(&sdO[(wr + g + 8) * LD + c]);
-    of[kk][2] = ld_pair(&sdO[(wr + g) * LD + c + 8]);
-    of[kk][3] = ld_pair(&sdO[(wr + g + 8) * LD + c + 8]);
+    a_from_rows(qf[kk], sQ, LD, wr, kk * 16, g, t);
+    a_from_rows(of[kk], sdO, LD, wr, kk * 16, g, t);
   }
   const int rows[2] = {m0 + wr + g, m0 + wr + g + 8};
   float lse[2], delta[2];
@@ -609,8 +613,7 @@ __global__ void __launch_bounds__(Tiles<D>::kThreads) attention_backward_dq_kern
     delta[r] = p.delta[at];
   }
   float dq[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+  zero(dq);
   const int shift = sv.nk - sv.nq;
   const int c1 = p.causal ? clampi(m0 + BM + shift, 0, sv.used) : sv.used;
 
@@ -623,15 +626,15 @@ __global__ void __launch_bounds__(Tiles<D>::kThreads) attention_backward_dq_kern
                         p.v_row_stride, valid, BN);
     __syncthreads();
     float s[BN / 8][4], dp[BN / 8][4];
+    zero(s);
+    zero(dp);
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
-#pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        const int c = kk * 16 + 2 * t;
-        const uint32_t kb[2] = {ld_pair(&sK[(nt * 8 + g) * LD + c]), ld_pair(&sK[(nt * 8 + g) * LD + c + 8])};
-        const uint32_t vb[2] = {ld_pair(&sV[(nt * 8 + g) * LD + c]), ld_pair(&sV[(nt * 8 + g) * LD + c + 8])};
+        uint32_t kb[2], vb[2];
+        b_from_row_major(kb, sK, LD, nt * 8, kk * 16, g, t);
+        b_from_row_major(vb, sV, LD, nt * 8, kk * 16, g, t);
         mma_16816<T>(s[nt], qf[kk], kb);
         mma_16816<T>(dp[nt], of[kk], vb);
       }
@@ -646,31 +649,13 @@ __global__ void __launch_bounds__(Tiles<D>::kThreads) attention_backward_dq_kern
         s[nt][e] = pr * (dp[nt][e] - delta[r]);  // dS
       }
     }
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      const uint32_t a[4] = {Num<T>::pack(s[2 * kk][0], s[2 * kk][1]), Num<T>::pack(s[2 * kk][2], s[2 * kk][3]),
-                             Num<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             Num<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-      const int key = kk * 16 + 2 * t;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        const int d = dt * 8 + g;
-        const uint32_t b[2] = {pack_pair(sK[key * LD + d], sK[(key + 1) * LD + d]),
-                               pack_pair(sK[(key + 8) * LD + d], sK[(key + 9) * LD + d])};
-        mma_16816<T>(dq[dt], a, b);
-      }
-    }
+    mma_accum_times_rows<T, BN, D>(dq, s, sK, LD, 0, g, t);  // dQ += dS K
   }
   T* out = static_cast<T*>(p.dq);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (rows[r] >= sv.nq) continue;
-    T* dst = out + (int64_t(sv.qs + rows[r]) * p.heads_q + h) * D;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<uint32_t*>(dst + dt * 8 + 2 * t) =
-          Num<T>::pack(dq[dt][2 * r] * p.scale, dq[dt][2 * r + 1] * p.scale);
-    }
+    store_accum_row<T>(out + (int64_t(sv.qs + rows[r]) * p.heads_q + h) * D, dq, r, p.scale, t);
   }
 }
 

@@ -133,6 +133,24 @@ def test_attention_matches_reference(device, dtype, lengths, causal, heads, bias
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_attention_head_dims(device, head_dim, poisoned):
+    # Every head dim the CUDA kernels are built for (each has its own tile shape), on the fusion shape.
+    dtype = dtypes_for(device)[-1]
+    lq, lk = [40, 3], [197, 70]
+    q, k, v, key_bias = make_inputs(lq, lk, (4, 2), head_dim, dtype, device, "per_head")
+    cu_q, cu_k = cu_of(lq, device), cu_of(lk, device)
+
+    def op_fn(q, k, v, key_bias):
+        return vlcore.ops.attention(q, k, v, cu_q, cu_k, 40, 197, causal=True, key_bias=key_bias, return_lse=True)
+
+    def ref_fn(q, k, v, key_bias):
+        return attention_ref(q, k, v, cu_q.cpu(), cu_k.cpu(), causal=True, key_bias=key_bias, return_lse=True)
+
+    check_against_reference(device, dtype, op_fn, ref_fn, [q, k, v, key_bias], q.shape, (4, sum(lq)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("bias", [None, "per_key", "per_head"])
 def test_attention_kv_segment_matches_reference_and_copies(device, causal, bias, poisoned):
