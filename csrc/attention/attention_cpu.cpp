@@ -17,6 +17,7 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/log.h>
 #include <ATen/ops/maximum.h>
+#include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
@@ -64,24 +65,25 @@ struct Segments {
   }
 };
 
-// Segments with the same (nq, nk, used) are computed together: their rows are gathered into one batch
+// Segments with the same (nq, nk) are computed together: their rows are gathered into one batch
 // [segments * Hkv, group * rows, D] (head h = hk * group + j, so one batched matmul also serves GQA) and
 // the per-op overhead is paid per bucket of equal-length segments, not per segment and head. Dense
-// batches and ITM copies are one bucket; packed documents of distinct lengths are one bucket each.
+// batches (whatever their key_lengths) and ITM copies are one bucket; packed documents of distinct
+// lengths are one bucket each. Within a bucket, keys past a segment's own key_lengths are masked.
 struct Bucket {
-  int64_t nq = 0, nk = 0, used = 0;
+  int64_t nq = 0, nk = 0, used = 0;  // used: the most keys any segment of the bucket reads
   std::vector<int64_t> segments;
 };
 
 std::vector<Bucket> buckets_of(const Segments& seg) {
-  std::map<std::tuple<int64_t, int64_t, int64_t>, Bucket> by_shape;
+  std::map<std::tuple<int64_t, int64_t>, Bucket> by_shape;
   for (int64_t i = 0; i < seg.num_q(); ++i) {
     const int64_t nq = seg.q_len(i);
     if (nq == 0) continue;
-    Bucket& b = by_shape[{nq, seg.k_len(i), seg.k_used(i)}];
+    Bucket& b = by_shape[{nq, seg.k_len(i)}];
     b.nq = nq;
     b.nk = seg.k_len(i);
-    b.used = seg.k_used(i);
+    b.used = std::max(b.used, seg.k_used(i));
     b.segments.push_back(i);
   }
   std::vector<Bucket> out;
@@ -104,6 +106,7 @@ struct Batch {
   int64_t n = 0, nq = 0, nk = 0, used = 0, heads_kv = 0, group = 0, head_dim = 0;
   at::ScalarType acc;
   at::Tensor q_rows, k_rows;  // [n * nq], [n * used]
+  at::Tensor key_limit;       // [n, 1, 1, 1, 1] keys read per segment, when they differ within the batch
 
   at::Tensor gather_q(const at::Tensor& t) const {  // [n, nq, Hq, D]
     return t.index_select(0, q_rows).to(acc).view({n, nq, heads_kv * group, head_dim});
@@ -153,6 +156,9 @@ struct ScoreTile {
     at::Tensor s = at::bmm(Qc, Kc.transpose(1, 2)).mul_(scale);
     at::Tensor s5 = s.view({b.n, b.heads_kv, b.group, rows, cols});
     if (bias.defined()) s5.add_(bias.narrow(-1, c0, cols));
+    if (b.key_limit.defined()) {
+      s5.masked_fill_(at::arange(c0, c0 + cols, at::TensorOptions().dtype(at::kLong)) >= b.key_limit, kNegInf);
+    }
     if (causal && c0 + cols - 1 > r0 + shift) {  // the chunk crosses the diagonal
       const auto opts = at::TensorOptions().dtype(at::kLong);
       const at::Tensor limit = at::arange(r0 + shift, r0 + shift + rows, opts).unsqueeze(1);
@@ -175,10 +181,11 @@ void for_each_batch(const Segments& seg, const Shape& s, at::ScalarType acc, Fn&
     const int64_t per_batch = std::max<int64_t>(1, kScoreBudget / tile);
     for (size_t first = 0; first < bucket.segments.size(); first += per_batch) {
       const size_t last = std::min(bucket.segments.size(), first + size_t(per_batch));
-      std::vector<int64_t> q_starts, k_starts;
+      std::vector<int64_t> q_starts, k_starts, used;
       for (size_t j = first; j < last; ++j) {
         q_starts.push_back(seg.q_start(bucket.segments[j]));
         k_starts.push_back(seg.k_start(bucket.segments[j]));
+        used.push_back(seg.k_used(bucket.segments[j]));
       }
       Batch b;
       b.n = int64_t(last - first);
@@ -190,7 +197,10 @@ void for_each_batch(const Segments& seg, const Shape& s, at::ScalarType acc, Fn&
       b.head_dim = s.head_dim;
       b.acc = acc;
       b.q_rows = rows_of(q_starts, bucket.nq);
-      b.k_rows = rows_of(k_starts, bucket.used);
+      b.k_rows = rows_of(k_starts, bucket.used);  // rows past a segment's own count stay inside its segment
+      if (std::any_of(used.begin(), used.end(), [&](int64_t u) { return u != bucket.used; })) {
+        b.key_limit = at::tensor(used, at::TensorOptions().dtype(at::kLong)).view({b.n, 1, 1, 1, 1});
+      }
       fn(b);
     }
   }
