@@ -67,16 +67,22 @@ struct Segments {
 
 // Segments with the same (nq, nk) are computed together: their rows are gathered into one batch
 // [segments * Hkv, group * rows, D] (head h = hk * group + j, so one batched matmul also serves GQA) and
-// the per-op overhead is paid per bucket of equal-length segments, not per segment and head. Dense
-// batches (whatever their key_lengths) and ITM copies are one bucket; packed documents of distinct
-// lengths are one bucket each. Within a bucket, keys past a segment's own key_lengths are masked.
+// the per-op overhead is paid per bucket, not per segment and head. Dense batches (whatever their
+// key_lengths) and ITM copies are one bucket. Segments of different lengths go into one "ragged" bucket
+// padded to the longest when padding at most doubles the work (small packed batches: one bucket), else
+// one bucket per length (long packed documents). Padded rows and keys, keys past a segment's
+// key_lengths and the per-segment causal diagonal are masked.
 struct Bucket {
-  int64_t nq = 0, nk = 0, used = 0;  // used: the most keys any segment of the bucket reads
+  int64_t nq = 0, nk = 0, used = 0;  // the most any segment of the bucket has
+  bool ragged = false;
   std::vector<int64_t> segments;
 };
 
 std::vector<Bucket> buckets_of(const Segments& seg) {
   std::map<std::tuple<int64_t, int64_t>, Bucket> by_shape;
+  Bucket all;
+  all.ragged = true;
+  int64_t exact_work = 0;
   for (int64_t i = 0; i < seg.num_q(); ++i) {
     const int64_t nq = seg.q_len(i);
     if (nq == 0) continue;
@@ -85,28 +91,34 @@ std::vector<Bucket> buckets_of(const Segments& seg) {
     b.nk = seg.k_len(i);
     b.used = std::max(b.used, seg.k_used(i));
     b.segments.push_back(i);
+    all.nq = std::max(all.nq, nq);
+    all.nk = std::max(all.nk, seg.k_len(i));
+    all.used = std::max(all.used, seg.k_used(i));
+    all.segments.push_back(i);
+    exact_work += nq * std::max<int64_t>(1, seg.k_used(i));
   }
+  const int64_t padded_work = int64_t(all.segments.size()) * all.nq * std::max<int64_t>(1, all.used);
+  if (by_shape.size() > 1 && padded_work <= 2 * exact_work + (int64_t(1) << 16)) return {all};
   std::vector<Bucket> out;
   for (auto& [key, b] : by_shape) out.push_back(std::move(b));
   return out;
 }
 
-// Row indices [n * len] of `len` rows starting at each segment's start.
-at::Tensor rows_of(const std::vector<int64_t>& starts, int64_t len) {
-  at::Tensor idx = at::empty({int64_t(starts.size()) * len}, at::TensorOptions().dtype(at::kLong));
-  int64_t* p = idx.data_ptr<int64_t>();
-  for (int64_t start : starts) {
-    for (int64_t r = 0; r < len; ++r) *p++ = start + r;
-  }
-  return idx;
+at::Tensor long_tensor(const std::vector<int64_t>& values) {
+  return at::tensor(values, at::TensorOptions().dtype(at::kLong));
 }
 
-// The tensors of one batch of equal-shaped segments, in the compute dtype.
+// The tensors of one batch of segments (see Bucket), in the compute dtype. Shapes use the bucket's
+// maxima: nq query rows and `used` keys per segment.
 struct Batch {
   int64_t n = 0, nq = 0, nk = 0, used = 0, heads_kv = 0, group = 0, head_dim = 0;
   at::ScalarType acc;
-  at::Tensor q_rows, k_rows;  // [n * nq], [n * used]
+  bool ragged = false;
+  at::Tensor q_rows, k_rows;  // [n * nq], [n * used]: row indices, clamped into each segment when padded
   at::Tensor key_limit;       // [n, 1, 1, 1, 1] keys read per segment, when they differ within the batch
+  at::Tensor q_len, shift;    // [n, 1, 1, 1, 1] ragged only: query rows and causal shift (nk - nq) per segment
+  std::vector<int64_t> q_lens;
+  int64_t max_shift = 0;
 
   at::Tensor gather_q(const at::Tensor& t) const {  // [n, nq, Hq, D]
     return t.index_select(0, q_rows).to(acc).view({n, nq, heads_kv * group, head_dim});
@@ -127,11 +139,31 @@ struct Batch {
   at::Tensor chunk_rows(int64_t r0, int64_t rows) const {
     return q_rows.view({n, nq}).narrow(1, r0, rows).reshape({-1});
   }
+  // Of the n * rows positions of a chunk, those that are real query rows: (positions, their rows), or
+  // (undefined, all rows) when nothing is padded.
+  std::pair<at::Tensor, at::Tensor> chunk_targets(int64_t r0, int64_t rows) const {
+    if (!ragged) return {at::Tensor(), chunk_rows(r0, rows)};
+    std::vector<int64_t> positions;
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t r = r0; r < std::min(r0 + rows, q_lens[i]); ++r) positions.push_back(i * rows + (r - r0));
+    }
+    const at::Tensor pos = long_tensor(positions);
+    return {pos, chunk_rows(r0, rows).index_select(0, pos)};
+  }
   // [n * Hkv, group * rows, D] back to rows [r0, r0 + rows) of a [total_q, Hq, D] tensor.
   void store_query_chunk(at::Tensor& dst, int64_t r0, int64_t rows, const at::Tensor& x) const {
-    dst.index_copy_(0, chunk_rows(r0, rows),
-                    x.view({n, heads_kv * group, rows, head_dim}).permute({0, 2, 1, 3})
-                        .reshape({n * rows, heads_kv * group, head_dim}).to(dst.scalar_type()));
+    const auto [pos, targets] = chunk_targets(r0, rows);
+    at::Tensor flat = x.view({n, heads_kv * group, rows, head_dim}).permute({0, 2, 1, 3})
+                          .reshape({n * rows, heads_kv * group, head_dim});
+    if (pos.defined()) flat = flat.index_select(0, pos);
+    dst.index_copy_(0, targets, flat.to(dst.scalar_type()));
+  }
+  // [n * Hkv, group * rows, 1] per-row values back to rows [r0, r0 + rows) of an [Hq, total_q] tensor.
+  void store_row_chunk(at::Tensor& dst, int64_t r0, int64_t rows, const at::Tensor& x) const {
+    const auto [pos, targets] = chunk_targets(r0, rows);
+    at::Tensor flat = x.view({n, heads_kv * group, rows}).permute({1, 0, 2}).reshape({heads_kv * group, n * rows});
+    if (pos.defined()) flat = flat.index_select(1, pos);
+    dst.index_copy_(1, targets, flat);
   }
   // key_bias broadcastable against scores viewed as [n, Hkv, group, rows, used].
   at::Tensor bias(const std::optional<at::Tensor>& key_bias) const {
@@ -143,8 +175,8 @@ struct Batch {
 };
 
 // The logits of the query rows [r0, r0 + rows) against keys [c0, c0 + cols) of a batch, as
-// [n * Hkv, group * rows, cols]: scaled, key_bias added, masked keys at -inf. causal_shift = nk - nq
-// (bottom-right alignment).
+// [n * Hkv, group * rows, cols]: scaled, key_bias added, masked keys at -inf (bottom-right causal:
+// row r sees keys j <= r + nk - nq of its segment).
 struct ScoreTile {
   const Batch& b;
   int64_t r0, rows;
@@ -152,22 +184,25 @@ struct ScoreTile {
   bool causal;
 
   at::Tensor scores(const at::Tensor& Qc, const at::Tensor& Kc, int64_t c0, const at::Tensor& bias) const {
-    const int64_t cols = Kc.size(1), shift = b.nk - b.nq;
+    const int64_t cols = Kc.size(1);
+    const auto opts = at::TensorOptions().dtype(at::kLong);
     at::Tensor s = at::bmm(Qc, Kc.transpose(1, 2)).mul_(scale);
     at::Tensor s5 = s.view({b.n, b.heads_kv, b.group, rows, cols});
     if (bias.defined()) s5.add_(bias.narrow(-1, c0, cols));
-    if (b.key_limit.defined()) {
-      s5.masked_fill_(at::arange(c0, c0 + cols, at::TensorOptions().dtype(at::kLong)) >= b.key_limit, kNegInf);
-    }
-    if (causal && c0 + cols - 1 > r0 + shift) {  // the chunk crosses the diagonal
-      const auto opts = at::TensorOptions().dtype(at::kLong);
-      const at::Tensor limit = at::arange(r0 + shift, r0 + shift + rows, opts).unsqueeze(1);
-      s5.masked_fill_(at::arange(c0, c0 + cols, opts).unsqueeze(0) > limit, kNegInf);
+    const at::Tensor key = at::arange(c0, c0 + cols, opts);                 // [cols]
+    const at::Tensor row = at::arange(r0, r0 + rows, opts).unsqueeze(1);   // [rows, 1]
+    if (b.key_limit.defined()) s5.masked_fill_(key >= b.key_limit, kNegInf);
+    if (b.ragged) {
+      at::Tensor masked = row >= b.q_len;  // padded query rows
+      if (causal) masked = masked | (key > row + b.shift);
+      s5.masked_fill_(masked, kNegInf);
+    } else if (causal && c0 + cols - 1 > r0 + b.max_shift) {  // the chunk crosses the diagonal
+      s5.masked_fill_(key > row + b.max_shift, kNegInf);
     }
     return s;
   }
   // Keys at or beyond this bound are masked for every row of the chunk (causal), so their chunks are skipped.
-  int64_t key_end() const { return causal ? std::clamp<int64_t>(r0 + rows + b.nk - b.nq, 0, b.used) : b.used; }
+  int64_t key_end() const { return causal ? std::clamp<int64_t>(r0 + rows + b.max_shift, 0, b.used) : b.used; }
 };
 
 // Splits each bucket into batches whose score tile stays under kScoreBudget elements.
@@ -181,25 +216,38 @@ void for_each_batch(const Segments& seg, const Shape& s, at::ScalarType acc, Fn&
     const int64_t per_batch = std::max<int64_t>(1, kScoreBudget / tile);
     for (size_t first = 0; first < bucket.segments.size(); first += per_batch) {
       const size_t last = std::min(bucket.segments.size(), first + size_t(per_batch));
-      std::vector<int64_t> q_starts, k_starts, used;
-      for (size_t j = first; j < last; ++j) {
-        q_starts.push_back(seg.q_start(bucket.segments[j]));
-        k_starts.push_back(seg.k_start(bucket.segments[j]));
-        used.push_back(seg.k_used(bucket.segments[j]));
-      }
       Batch b;
       b.n = int64_t(last - first);
       b.nq = bucket.nq;
       b.nk = bucket.nk;
       b.used = bucket.used;
+      b.ragged = bucket.ragged;
       b.heads_kv = s.heads_kv;
       b.group = group;
       b.head_dim = s.head_dim;
       b.acc = acc;
-      b.q_rows = rows_of(q_starts, bucket.nq);
-      b.k_rows = rows_of(k_starts, bucket.used);  // rows past a segment's own count stay inside its segment
-      if (std::any_of(used.begin(), used.end(), [&](int64_t u) { return u != bucket.used; })) {
-        b.key_limit = at::tensor(used, at::TensorOptions().dtype(at::kLong)).view({b.n, 1, 1, 1, 1});
+      std::vector<int64_t> q_rows, k_rows, used, shifts;
+      b.max_shift = std::numeric_limits<int64_t>::min();
+      for (size_t j = first; j < last; ++j) {
+        const int64_t i = bucket.segments[j], nq = seg.q_len(i), nk = seg.k_len(i);
+        // Padded rows repeat a row of their own segment (clamped), so every index is valid; they are masked.
+        for (int64_t r = 0; r < b.nq; ++r) q_rows.push_back(seg.q_start(i) + std::min(r, nq - 1));
+        for (int64_t c = 0; c < b.used; ++c) {
+          k_rows.push_back(std::min(seg.k_start(i) + std::min(c, std::max<int64_t>(nk - 1, 0)), s.total_k - 1));
+        }
+        used.push_back(seg.k_used(i));
+        shifts.push_back(nk - nq);
+        b.q_lens.push_back(nq);
+        b.max_shift = std::max(b.max_shift, nk - nq);
+      }
+      b.q_rows = long_tensor(q_rows);
+      b.k_rows = long_tensor(k_rows);
+      if (std::any_of(used.begin(), used.end(), [&](int64_t u) { return u != b.used; })) {
+        b.key_limit = long_tensor(used).view({b.n, 1, 1, 1, 1});
+      }
+      if (b.ragged) {
+        b.q_len = long_tensor(b.q_lens).view({b.n, 1, 1, 1, 1});
+        b.shift = long_tensor(shifts).view({b.n, 1, 1, 1, 1});
       }
       fn(b);
     }
@@ -247,9 +295,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
       }
       const at::Tensor unseen = l == 0;
       b.store_query_chunk(out, r0, rows, (o / l).masked_fill_(unseen, 0.0));
-      const at::Tensor row_lse = (m_safe + at::log(l)).masked_fill_(unseen, kNegInf);
-      lse.index_copy_(1, b.chunk_rows(r0, rows),
-                      row_lse.view({b.n, s.heads_q, rows}).permute({1, 0, 2}).reshape({s.heads_q, b.n * rows}));
+      b.store_row_chunk(lse, r0, rows, (m_safe + at::log(l)).masked_fill_(unseen, kNegInf));
     }
   });
   return {out, lse};
