@@ -43,6 +43,16 @@ TORCH_LIBRARY(vlcore, m) {
   m.def("nvfp4_gemm(Tensor a_codes, Tensor a_scales, Tensor a_amax, Tensor b_codes, Tensor b_scales, "
         "Tensor b_amax, ScalarType out_dtype) -> Tensor");
   m.def("hadamard_transform(Tensor x, bool inverse, int sign_mask) -> Tensor");
+
+  m.set_python_module("vlcore.ops.attention");
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+        "int max_seqlen_k, Tensor? key_bias, Tensor? kv_segment, Tensor? key_lengths, bool causal, float scale, "
+        "bool deterministic) -> (Tensor out, Tensor lse)");  // deterministic: recorded for the backward
+  m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor? grad_lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+        "Tensor? key_bias, Tensor? kv_segment, Tensor? key_lengths, bool causal, float scale, "
+        "bool bias_requires_grad, bool deterministic) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, "
+        "Tensor grad_key_bias)");
 }
 
 // Ops with a backend kernel of each kind; the C++ functions are named vlcore::<op>_cpu and <op>_cuda.
@@ -50,12 +60,14 @@ TORCH_LIBRARY(vlcore, m) {
   X(seq_pack) X(seq_unpack) X(scatter_image_embeds) X(scatter_image_embeds_backward) \
   X(tome_match) X(tome_merge) X(tome_merge_backward) X(tome_unmerge) X(token_pool_2d) \
   X(token_pool_2d_backward) X(patch_merge_2x2) X(patch_merge_2x2_backward) \
-  X(nvfp4_quantize) X(nvfp4_dequantize) X(nvfp4_gemm) X(hadamard_transform)
+  X(nvfp4_quantize) X(nvfp4_dequantize) X(nvfp4_gemm) X(hadamard_transform) \
+  X(attention_forward) X(attention_backward)
 #define VLCORE_CUDA_OPS(X) \
   X(seq_pack) X(seq_unpack) X(scatter_image_embeds) X(scatter_image_embeds_backward) \
   X(tome_match) X(tome_merge) X(tome_merge_backward) X(tome_unmerge) X(token_pool_2d) \
   X(token_pool_2d_backward) X(patch_merge_2x2) X(patch_merge_2x2_backward) \
-  X(nvfp4_quantize) X(nvfp4_dequantize) X(nvfp4_gemm) X(hadamard_transform)
+  X(nvfp4_quantize) X(nvfp4_dequantize) X(nvfp4_gemm) X(hadamard_transform) \
+  X(attention_forward) X(attention_backward)
 
 TORCH_LIBRARY_IMPL(vlcore, CPU, m) {
 #define VLCORE_IMPL_CPU(op) m.impl(#op, &vlcore::op##_cpu);

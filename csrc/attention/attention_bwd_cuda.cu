@@ -1,0 +1,116 @@
+// CUDA entry point of the attention backward (kernels in attention_kernel.cuh): delta preprocess, then
+// dK/dV (+ dQ by float32 atomics) per key tile, or dK/dV then a deterministic dQ pass.
+#include <ATen/ops/arange.h>
+#include <ATen/ops/argsort.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/clamp.h>
+#include <ATen/ops/cumsum.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "attention/attention_launch.cuh"
+#include "ops.h"
+
+namespace vlcore {
+namespace {
+
+// Query segments grouped by the key segment they read, on the device (no host sync):
+// reader_order[reader_offsets[s] .. reader_offsets[s + 1]) are the query segments reading key segment s.
+std::pair<at::Tensor, at::Tensor> readers_of(const std::optional<at::Tensor>& kv_segment, int64_t num_q,
+                                             int64_t num_k, const at::TensorOptions& int_opts) {
+  if (!kv_segment.has_value()) {  // segment i reads segment i
+    return {at::arange(num_q, int_opts), at::arange(num_k + 1, int_opts)};
+  }
+  // Out-of-range entries are parked on segment 0 here; the kernels give them no keys (segment_of).
+  const at::Tensor target = kv_segment->to(at::kLong).clamp(0, num_k - 1);
+  const at::Tensor order = at::argsort(target, /*stable=*/true, /*dim=*/0, /*descending=*/false).to(at::kInt);
+  const at::Tensor counts = at::zeros({num_k}, target.options()).index_add_(0, target, at::ones({num_q}, target.options()));
+  const at::Tensor offsets = at::cat({at::zeros({1}, target.options()), counts.cumsum(0)}).to(at::kInt);
+  return {order, offsets};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& grad_lse,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const std::optional<at::Tensor>& key_bias, const std::optional<at::Tensor>& kv_segment,
+    const std::optional<at::Tensor>& key_lengths, bool causal, double scale, bool bias_requires_grad,
+    bool deterministic) {
+  using namespace attention_cuda;
+  constexpr const char* op = "attention_backward";
+  const attention_detail::Shape s = attention_detail::check_forward(
+      op, q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias, kv_segment, key_lengths);
+  attention_detail::check_backward(op, s, q_in, grad_out_in, out_in, lse_in, grad_lse);
+  VLCORE_CHECK(!bias_requires_grad || key_bias.has_value(), op, "bias_requires_grad needs a key_bias");
+  check_cuda_support(op, q_in);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = vector_ready(q_in), k = vector_ready(k_in), v = vector_ready(v_in);
+  const at::Tensor dout = vector_ready(grad_out_in.stride(-1) == 1 ? grad_out_in : grad_out_in.contiguous());
+  const at::Tensor out = out_in.stride(-1) == 1 ? out_in : out_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor dlse = grad_lse.has_value() ? grad_lse->contiguous() : at::Tensor();
+  const at::Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
+  const std::optional<at::Tensor> seg = kv_segment.has_value() ? std::optional(kv_segment->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> lens = key_lengths.has_value() ? std::optional(key_lengths->contiguous()) : std::nullopt;
+  const at::Tensor bias = key_bias.has_value() ? key_bias->to(at::kFloat).contiguous() : at::Tensor();
+  const auto f32 = q.options().dtype(at::kFloat);
+
+  at::Tensor dk = at::empty({s.total_k, s.heads_kv, s.head_dim}, q.options());
+  at::Tensor dv = at::empty({s.total_k, s.heads_kv, s.head_dim}, q.options());
+  at::Tensor dbias = bias_requires_grad ? at::zeros({s.total_k, s.heads_q}, f32) : at::Tensor();
+  at::Tensor delta = at::empty({s.heads_q, s.total_q}, f32);
+  at::Tensor dq_accum = deterministic ? at::Tensor() : at::zeros({s.total_q, s.heads_q, s.head_dim}, f32);
+  at::Tensor dq = deterministic ? at::empty({s.total_q, s.heads_q, s.head_dim}, q.options()) : at::Tensor();
+  const auto [order, offsets] = readers_of(seg, s.num_q_segments, s.num_k_segments, cu_q.options());
+  if (max_seqlen_k == 0 || s.total_k == 0) {  // no key anywhere: the kernels below would not cover dk / dv
+    dk.zero_();
+    dv.zero_();
+  }
+
+  Params p = make_params(op, s, q, k, v, cu_q, cu_k, seg, lens, bias, causal, scale);
+  p.dout = dout.data_ptr();
+  p.do_row_stride = dout.stride(0);
+  p.do_head_stride = dout.stride(1);
+  p.o = out.data_ptr();
+  p.o_row_stride = out.stride(0);
+  p.o_head_stride = out.stride(1);
+  p.lse = lse.data_ptr<float>();
+  p.dlse = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
+  p.delta = delta.data_ptr<float>();
+  p.reader_order = order.data_ptr<int32_t>();
+  p.reader_offsets = offsets.data_ptr<int32_t>();
+  p.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();
+  p.dq = deterministic ? dq.data_ptr() : nullptr;
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dbias = bias_requires_grad ? dbias.data_ptr<float>() : nullptr;
+
+  dispatch(q.scalar_type(), s.head_dim, [&]<typename T, int D>() {
+    using C = Tiles<D>;
+    constexpr int kDeltaThreads = 256;  // 8 warps, one (row, head) each
+    const int64_t delta_blocks = (s.total_q * s.heads_q + kDeltaThreads / 32 - 1) / (kDeltaThreads / 32);
+    VLCORE_CHECK(delta_blocks <= std::numeric_limits<int32_t>::max(), op, "too many rows for one launch");
+    launch(attention_backward_delta_kernel<T, D>, dim3(static_cast<unsigned>(delta_blocks)), kDeltaThreads, 0, p);
+    p.k_tiles = tiles_for(max_seqlen_k, C::kBwdKeys);
+    p.q_tiles = tiles_for(max_seqlen_q, C::kQueries);
+    const dim3 key_grid = segment_grid(op, s.num_k_segments, p.k_tiles, s.heads_kv);
+    if (deterministic) {
+      launch(attention_backward_dkdv_kernel<T, D, false>, key_grid, C::kThreads, C::dkdv_smem(sizeof(T)), p);
+      launch(attention_backward_dq_kernel<T, D>, segment_grid(op, s.num_q_segments, p.q_tiles, s.heads_q),
+             C::kThreads, C::dq_smem(sizeof(T)), p);
+    } else {
+      launch(attention_backward_dkdv_kernel<T, D, true>, key_grid, C::kThreads, C::dkdv_smem(sizeof(T)), p);
+    }
+  });
+
+  if (!deterministic) dq = dq_accum.to(q.scalar_type());
+  at::Tensor grad_bias = at::empty({0}, q.options());
+  if (bias_requires_grad) grad_bias = (key_bias->dim() == 1 ? dbias.sum(1) : dbias).to(key_bias->scalar_type());
+  return {dq, dk, dv, grad_bias};
+}
+
+}  // namespace vlcore
