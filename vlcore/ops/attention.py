@@ -7,6 +7,9 @@ Packed layout (flash-attn varlen, vlp.md §4.2):
   query segment ``i`` is rows ``cu_seqlens_q[i] .. cu_seqlens_q[i+1] - 1`` and attends to key segment
   ``kv_segment[i]`` (default ``i``, then ``Sq == Sk``); q and k segments have independent lengths;
 - ``max_seqlen_q`` / ``max_seqlen_k``: Python ints bounding the segment lengths (they size the CUDA grid).
+  They must be true upper bounds, as in flash-attn: the CPU kernel checks them, but the CUDA kernels cannot
+  without a host sync, and rows past an understated bound are left uncomputed. Pass ``validate=True`` to
+  check every value on the host while debugging a data pipeline.
 
 Semantics:
 
