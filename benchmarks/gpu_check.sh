@@ -19,10 +19,11 @@ failed=0
 summary=()
 note() { summary+=("$(printf '%-34s %s' "$1" "$2")"); }
 
-# 1. Build: CUDA must be built (ON), for the Hopper arch by default.
+# 1. Build: CUDA must be built (ON), for the Hopper arch by default. --no-deps: the GPU machine has no network,
+#    and its image already holds the runtime dependencies (torch, numpy, safetensors, Pillow, tqdm, ...).
 t0=$SECONDS
 if VLCORE_ENABLE_CUDA=ON VLCORE_CUDA_ARCH_LIST="$ARCH" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-    python -m pip install --no-build-isolation -v -e . > "$LOG/build.log" 2>&1; then
+    python -m pip install --no-build-isolation --no-deps -v -e . > "$LOG/build.log" 2>&1; then
   note "build (CUDA, $ARCH)" "ok in $((SECONDS - t0)) s"
 else
   tail -40 "$LOG/build.log"
