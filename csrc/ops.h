@@ -18,20 +18,6 @@ at::Tensor scatter_image_embeds_cpu(const at::Tensor& text_embeds, const at::Ten
 std::tuple<at::Tensor, at::Tensor> scatter_image_embeds_backward_cpu(const at::Tensor& grad_out,
                                                                      const at::Tensor& image_positions);
 
-// attention/: fused varlen softmax attention (flash-attn layout, GQA, key_bias, kv_segment).
-std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-    const std::optional<at::Tensor>& key_bias, const std::optional<at::Tensor>& kv_segment,
-    const std::optional<at::Tensor>& key_lengths, bool causal, double scale, bool deterministic);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
-    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-    const std::optional<at::Tensor>& key_bias, const std::optional<at::Tensor>& kv_segment,
-    const std::optional<at::Tensor>& key_lengths, bool causal, double scale, bool bias_requires_grad,
-    bool deterministic);
-
 #if VLCORE_WITH_CUDA
 at::Tensor seq_pack_cuda(const at::Tensor& padded, const at::Tensor& cu_seqlens, int64_t total_tokens);
 at::Tensor seq_unpack_cuda(const at::Tensor& packed, const at::Tensor& cu_seqlens, int64_t padded_len,
@@ -40,20 +26,25 @@ at::Tensor scatter_image_embeds_cuda(const at::Tensor& text_embeds, const at::Te
                                      const at::Tensor& image_positions);
 std::tuple<at::Tensor, at::Tensor> scatter_image_embeds_backward_cuda(const at::Tensor& grad_out,
                                                                       const at::Tensor& image_positions);
+#endif
 
 // attention/: fused varlen softmax attention (flash-attn layout, GQA, key_bias, kv_segment).
-std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-    const std::optional<at::Tensor>& key_bias, const std::optional<at::Tensor>& kv_segment,
-    const std::optional<at::Tensor>& key_lengths, bool causal, double scale, bool deterministic);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
-    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-    const std::optional<at::Tensor>& key_bias, const std::optional<at::Tensor>& kv_segment,
-    const std::optional<at::Tensor>& key_lengths, bool causal, double scale, bool bias_requires_grad,
-    bool deterministic);
+#define VLCORE_ATTENTION_DECLS(SUFFIX)                                                                              \
+  std::tuple<at::Tensor, at::Tensor> attention_forward_##SUFFIX(                                                  \
+      const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,              \
+      const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,                                 \
+      const std::optional<at::Tensor>& key_bias, const std::optional<at::Tensor>& kv_segment,                     \
+      const std::optional<at::Tensor>& key_lengths, bool causal, double scale, bool deterministic);               \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_##SUFFIX(                         \
+      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,                  \
+      const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,                    \
+      const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,                       \
+      int64_t max_seqlen_k, const std::optional<at::Tensor>& key_bias,                                            \
+      const std::optional<at::Tensor>& kv_segment, const std::optional<at::Tensor>& key_lengths, bool causal,     \
+      double scale, bool bias_requires_grad, bool deterministic);
+VLCORE_ATTENTION_DECLS(cpu)
+#if VLCORE_WITH_CUDA
+VLCORE_ATTENTION_DECLS(cuda)
 #endif
 
 // token_merge/: ToMe bipartite soft matching, merge / unmerge, token pooling and the 2x2 patch merger.
@@ -81,7 +72,7 @@ VLCORE_TOKEN_MERGE_DECLS(cuda)
 #endif
 
 // nvfp4/: NVFP4 quantization (E2M1 codes, E4M3 block scales, FP32 amax), Hadamard transform, NVFP4 GEMM.
-#define VLCORE_NVFP4_DECLARE(backend)                                                                          \
+#define VLCORE_NVFP4_DECLS(backend)                                                                          \
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> nvfp4_quantize_##backend(   \
       const at::Tensor& x, bool rowwise, bool columnwise, bool block_2d, bool rht_rowwise, bool rht_columnwise, \
       bool stochastic, int64_t seed, int64_t offset, const std::optional<at::Tensor>& amax_rowwise,            \
@@ -92,9 +83,9 @@ VLCORE_TOKEN_MERGE_DECLS(cuda)
                                   const at::Tensor& b_codes, const at::Tensor& b_scales, const at::Tensor& b_amax, \
                                   at::ScalarType out_dtype);                                                   \
   at::Tensor hadamard_transform_##backend(const at::Tensor& x, bool inverse, int64_t sign_mask);
-VLCORE_NVFP4_DECLARE(cpu)
+VLCORE_NVFP4_DECLS(cpu)
 #if VLCORE_WITH_CUDA
-VLCORE_NVFP4_DECLARE(cuda)
+VLCORE_NVFP4_DECLS(cuda)
 #endif
 
 }  // namespace vlcore
