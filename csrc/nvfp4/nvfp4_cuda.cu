@@ -142,10 +142,9 @@ __global__ void __launch_bounds__(kThreads) nvfp4_amax_kernel(const T* __restric
 // Fused quantize of one 64x64 tile. Thread t loads row t/4, columns (t%4)*16 .. +16 (its rowwise job);
 // after the tile is in shared memory it takes column t%64, rows (t/64)*16 .. +16 (its columnwise job).
 
-struct QuantizeParams {
-  int64_t rows, cols;
-  bool rowwise, columnwise, block_2d, rht_rowwise, rht_columnwise, stochastic, swizzle, vector_ok;
-  uint64_t seed, offset;
+// The checked configuration plus what the kernel needs to find its data.
+struct QuantizeParams : QuantizeConfig {
+  bool vector_ok;
   uint8_t* codes;
   uint8_t* scales;
   const float* amax;
@@ -519,18 +518,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
     if (rows == 0 || cols == 0) return;
     QuantizeParams p;
-    p.rows = rows;
-    p.cols = cols;
-    p.rowwise = rowwise;
-    p.columnwise = columnwise;
-    p.block_2d = block_2d;
-    p.rht_rowwise = rht_rowwise;
-    p.rht_columnwise = rht_columnwise;
-    p.stochastic = stochastic;
-    p.swizzle = swizzle_scales;
+    static_cast<QuantizeConfig&>(p) = cfg;
     p.vector_ok = vector_ok;
-    p.seed = cfg.seed;
-    p.offset = cfg.offset;
     p.codes = rowwise ? o.codes.data_ptr<uint8_t>() : nullptr;
     p.scales = rowwise ? o.scales.data_ptr<uint8_t>() : nullptr;
     p.amax = rowwise ? o.amax.data_ptr<float>() : nullptr;
