@@ -28,6 +28,9 @@ def make_parser(description: str) -> argparse.ArgumentParser:
     """The flags every bench takes; a bench may add its own before parsing."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few reps: a smoke run on CPU")
+    parser.add_argument("--check", action="store_true",
+                        help="the device check: one shape per goal row of BENCHMARKS.md, few reps, within a time "
+                             "budget (benchmarks/device_check.sh runs every bench this way)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--csv", default=None, help="where to write rows (default benchmarks/results/<bench>.csv)")
     return parser
