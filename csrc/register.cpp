@@ -23,13 +23,15 @@ TORCH_LIBRARY(vlcore, m) {
   m.def("scatter_image_embeds(Tensor text_embeds, Tensor image_embeds, Tensor image_positions) -> Tensor");
   m.def("scatter_image_embeds_backward(Tensor grad_out, Tensor image_positions) -> (Tensor, Tensor)");
 
-  m.set_python_module("vlcore.ops.token_merge");
+  m.set_python_module("vlcore.ops.tome");
   m.def("tome_match(Tensor metric, int[] seqlens, int[] r, bool class_token, bool distill_token) -> "
         "(Tensor unmerged, Tensor src, Tensor dst, Tensor dest, Tensor offsets, Tensor sources)");
   m.def("tome_merge(Tensor x, Tensor? size, Tensor dest, Tensor offsets, Tensor sources, str mode) -> (Tensor, Tensor)");
   m.def("tome_merge_backward(Tensor grad_out, Tensor? grad_size, Tensor x, Tensor? size, Tensor out, Tensor dest, "
         "Tensor offsets, Tensor sources, str mode) -> (Tensor, Tensor)");
   m.def("tome_unmerge(Tensor x, Tensor dest, Tensor offsets, Tensor sources) -> Tensor");
+
+  m.set_python_module("vlcore.ops.token_grid");
   m.def("token_pool_2d(Tensor x, int[] grids, int[] out_grids, str mode, bool class_token) -> Tensor");
   m.def("token_pool_2d_backward(Tensor grad_out, int[] grids, int[] out_grids, str mode, bool class_token) -> Tensor");
   m.def("patch_merge_2x2(Tensor x, int[] grids) -> Tensor");
@@ -55,32 +57,53 @@ TORCH_LIBRARY(vlcore, m) {
         "Tensor grad_key_bias)");
 }
 
-// Ops with a backend kernel of each kind; the C++ functions are named vlcore::<op>_cpu and <op>_cuda.
-#define VLCORE_CPU_OPS(X) \
-  X(seq_pack) X(seq_unpack) X(scatter_image_embeds) X(scatter_image_embeds_backward) \
-  X(tome_match) X(tome_merge) X(tome_merge_backward) X(tome_unmerge) X(token_pool_2d) \
-  X(token_pool_2d_backward) X(patch_merge_2x2) X(patch_merge_2x2_backward) \
-  X(nvfp4_quantize) X(nvfp4_dequantize) X(nvfp4_gemm) X(hadamard_transform) \
-  X(attention_forward) X(attention_backward)
-#define VLCORE_CUDA_OPS(X) \
-  X(seq_pack) X(seq_unpack) X(scatter_image_embeds) X(scatter_image_embeds_backward) \
-  X(tome_match) X(tome_merge) X(tome_merge_backward) X(tome_unmerge) X(token_pool_2d) \
-  X(token_pool_2d_backward) X(patch_merge_2x2) X(patch_merge_2x2_backward) \
-  X(nvfp4_quantize) X(nvfp4_dequantize) X(nvfp4_gemm) X(hadamard_transform) \
-  X(attention_forward) X(attention_backward)
-
+// Each backend binds every op to vlcore::<op>_cpu / <op>_cuda (declared in ops.h).
 TORCH_LIBRARY_IMPL(vlcore, CPU, m) {
-#define VLCORE_IMPL_CPU(op) m.impl(#op, &vlcore::op##_cpu);
-  VLCORE_CPU_OPS(VLCORE_IMPL_CPU)
+  m.impl("seq_pack", &vlcore::seq_pack_cpu);
+  m.impl("seq_unpack", &vlcore::seq_unpack_cpu);
+  m.impl("scatter_image_embeds", &vlcore::scatter_image_embeds_cpu);
+  m.impl("scatter_image_embeds_backward", &vlcore::scatter_image_embeds_backward_cpu);
+  m.impl("tome_match", &vlcore::tome_match_cpu);
+  m.impl("tome_merge", &vlcore::tome_merge_cpu);
+  m.impl("tome_merge_backward", &vlcore::tome_merge_backward_cpu);
+  m.impl("tome_unmerge", &vlcore::tome_unmerge_cpu);
+  m.impl("token_pool_2d", &vlcore::token_pool_2d_cpu);
+  m.impl("token_pool_2d_backward", &vlcore::token_pool_2d_backward_cpu);
+  m.impl("patch_merge_2x2", &vlcore::patch_merge_2x2_cpu);
+  m.impl("patch_merge_2x2_backward", &vlcore::patch_merge_2x2_backward_cpu);
+  m.impl("nvfp4_quantize", &vlcore::nvfp4_quantize_cpu);
+  m.impl("nvfp4_dequantize", &vlcore::nvfp4_dequantize_cpu);
+  m.impl("nvfp4_gemm", &vlcore::nvfp4_gemm_cpu);
+  m.impl("hadamard_transform", &vlcore::hadamard_transform_cpu);
+  m.impl("attention_forward", &vlcore::attention_forward_cpu);
+  m.impl("attention_backward", &vlcore::attention_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(vlcore, CUDA, m) {
 #if VLCORE_WITH_CUDA
-#define VLCORE_IMPL_CUDA(op) m.impl(#op, &vlcore::op##_cuda);
+  m.impl("seq_pack", &vlcore::seq_pack_cuda);
+  m.impl("seq_unpack", &vlcore::seq_unpack_cuda);
+  m.impl("scatter_image_embeds", &vlcore::scatter_image_embeds_cuda);
+  m.impl("scatter_image_embeds_backward", &vlcore::scatter_image_embeds_backward_cuda);
+  m.impl("tome_match", &vlcore::tome_match_cuda);
+  m.impl("tome_merge", &vlcore::tome_merge_cuda);
+  m.impl("tome_merge_backward", &vlcore::tome_merge_backward_cuda);
+  m.impl("tome_unmerge", &vlcore::tome_unmerge_cuda);
+  m.impl("token_pool_2d", &vlcore::token_pool_2d_cuda);
+  m.impl("token_pool_2d_backward", &vlcore::token_pool_2d_backward_cuda);
+  m.impl("patch_merge_2x2", &vlcore::patch_merge_2x2_cuda);
+  m.impl("patch_merge_2x2_backward", &vlcore::patch_merge_2x2_backward_cuda);
+  m.impl("nvfp4_quantize", &vlcore::nvfp4_quantize_cuda);
+  m.impl("nvfp4_dequantize", &vlcore::nvfp4_dequantize_cuda);
+  m.impl("nvfp4_gemm", &vlcore::nvfp4_gemm_cuda);
+  m.impl("hadamard_transform", &vlcore::hadamard_transform_cuda);
+  m.impl("attention_forward", &vlcore::attention_forward_cuda);
+  m.impl("attention_backward", &vlcore::attention_backward_cuda);
 #else
-#define VLCORE_IMPL_CUDA(op) m.impl(#op, torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_not_built>());
+  // Every op of the library, so that CUDA tensors get the explanation above, not a dispatcher error.
+  for (const char* op : {"seq_pack", "seq_unpack", "scatter_image_embeds", "scatter_image_embeds_backward", "tome_match", "tome_merge", "tome_merge_backward", "tome_unmerge", "token_pool_2d", "token_pool_2d_backward", "patch_merge_2x2", "patch_merge_2x2_backward", "nvfp4_quantize", "nvfp4_dequantize", "nvfp4_gemm", "hadamard_transform", "attention_forward", "attention_backward"})
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_not_built>());
 #endif
-  VLCORE_CUDA_OPS(VLCORE_IMPL_CUDA)
 }
 
 PYBIND11_MODULE(_C, m) { m.attr("with_cuda") = static_cast<bool>(VLCORE_WITH_CUDA); }

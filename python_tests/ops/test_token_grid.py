@@ -1,4 +1,4 @@
-"""token_merge family, pooling half: 2D token pooling (adaptive average, bilinear align_corners=False) and
+"""token_grid family: 2D token pooling (adaptive average, bilinear align_corners=False) and
 Qwen2-VL's 2x2 patch merger against F.adaptive_avg_pool2d / F.interpolate / a reshape-permute reference."""
 
 import math
@@ -8,7 +8,7 @@ import torch
 from torch.library import opcheck
 
 import vlcore
-from vlcore.ops.token_merge import patch_merge_2x2_ref, token_pool_2d_ref
+from vlcore.ops.token_grid import patch_merge_2x2_ref, token_pool_2d_ref
 
 from ..conftest import DEVICES
 

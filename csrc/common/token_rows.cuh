@@ -1,6 +1,6 @@
 #pragma once
-// CUDA helpers shared by the token_merge kernels: per-image tables uploaded without a sync, aligned vector
-// packs of any float dtype, the lane layout of row kernels.
+// CUDA helpers shared by the kernels that work on token rows (ToMe, token grids): per-image tables
+// uploaded without a sync, aligned vector packs of any float dtype, the lane layout of row kernels.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>

@@ -13,12 +13,12 @@
 
 #include "common/row_copy.cuh"
 #include "ops.h"
-#include "token_merge/token_merge.h"
-#include "token_merge/token_merge_cuda.cuh"
+#include "token_grid/token_grid.h"
+#include "common/token_rows.cuh"
 
 namespace vlcore {
 namespace {
-using namespace token_merge_detail;
+using namespace token_grid_detail;
 using cuda::Pack;
 
 struct Grids {

@@ -1,12 +1,12 @@
-"""token_merge family, ToMe half: matching, merge, unmerge, source tracking against ToMe's algorithm
-transcribed in plain PyTorch (vlcore.ops.token_merge.tome_*_ref, scores in float64)."""
+"""tome family: matching, merge, unmerge, source tracking against ToMe's algorithm
+transcribed in plain PyTorch (vlcore.ops.tome.tome_*_ref, scores in float64)."""
 
 import pytest
 import torch
 from torch.library import opcheck
 
 import vlcore
-from vlcore.ops.token_merge import (TomeMatch, tome_cap, tome_match_ref, tome_merge_ref, tome_unmerge_ref)
+from vlcore.ops.tome import (TomeMatch, tome_cap, tome_match_ref, tome_merge_ref, tome_unmerge_ref)
 
 from ..conftest import DEVICES
 

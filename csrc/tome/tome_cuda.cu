@@ -27,12 +27,12 @@
 
 #include "common/row_copy.cuh"
 #include "ops.h"
-#include "token_merge/token_merge.h"
-#include "token_merge/token_merge_cuda.cuh"
+#include "tome/tome.h"
+#include "common/token_rows.cuh"
 
 namespace vlcore {
 namespace {
-using namespace token_merge_detail;
+using namespace tome_detail;
 using cuda::Pack;
 
 constexpr int kMatchThreads = 256;

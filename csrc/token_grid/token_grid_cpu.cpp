@@ -10,10 +10,10 @@
 #include <vector>
 
 #include "ops.h"
-#include "token_merge/token_merge.h"
+#include "token_grid/token_grid.h"
 
 namespace vlcore {
-using namespace token_merge_detail;
+using namespace token_grid_detail;
 
 namespace {
 

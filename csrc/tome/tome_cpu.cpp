@@ -13,14 +13,14 @@
 #include <vector>
 
 #include "ops.h"
-#include "token_merge/token_merge.h"
+#include "tome/tome.h"
 
 namespace vlcore {
-using namespace token_merge_detail;
+using namespace tome_detail;
 
 namespace {
 
-// Match one image: writes its entries of unmerged/src/dst/dest/offsets/sources (see token_merge.h).
+// Match one image: writes its entries of unmerged/src/dst/dest/offsets/sources (see tome.h).
 template <typename scalar_t>
 void match_image(const scalar_t* metric, int64_t c, const TomeSegment& s, bool class_token, bool distill_token,
                  int64_t* unmerged, int64_t* src, int64_t* dst, int64_t* dest, int64_t* offsets, int64_t* sources) {
