@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from vlcore.train.main import main
+from vlcore.train.cli import main
 from vlcore.train.params import ConfigError, TrainConfig, help_text, list_presets, load_config
 
 

@@ -5,7 +5,7 @@ import csv
 import pytest
 
 from vlcore.train.data import DataSchemaError, expand_braces, index_tar, worker_shards
-from vlcore.train.main import main
+from vlcore.train.cli import main
 
 from .helpers import TINY, clean_samples, png_bytes, write_shard
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vlcore.train import checkpoint as ckpt
-from vlcore.train.main import main
+from vlcore.train.cli import main
 
 from .helpers import TINY, clean_samples, read_metrics, write_shard
 
