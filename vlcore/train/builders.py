@@ -26,17 +26,20 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from vlcore.models import build_model as build_model_from_config
 from vlcore.models import get_model_config
 from vlcore.models.losses import ClipLoss, SigLipLoss
+from vlcore.nn.transformer import Block
+from vlcore.nvfp4 import convert
 from vlcore.train import data as D
 from vlcore.train import fsdp as fsdp_lib
 from vlcore.train import synthetic
-from vlcore.train.checkpoint import latest_checkpoint, load_checkpoint, set_rng_state
+from vlcore.train.checkpoint import latest_checkpoint, load_checkpoint, set_rng_state, tidy_checkpoint_dir
 from vlcore.train.logs import RunLogger
 from vlcore.train.optim import make_optimizer, make_scheduler
-from vlcore.train.params import ConfigError, TrainConfig
+from vlcore.train.params import ConfigError, TrainConfig, nvfp4_policy
 from vlcore.train.run import Run, TrainState
 from vlcore.train.tasks import make_collate
 
@@ -62,6 +65,7 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     # One GPU per process: a bare "cuda" means this process's GPU, not GPU 0 for every rank.
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
+    check_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     elif cfg.cpu_threads:
@@ -72,6 +76,42 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
         backend = cfg.ddp_backend if cfg.ddp_backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend=backend)
     return rank, world_size, device
+
+
+def check_device(device: torch.device) -> None:
+    """Fail with the reason when the device cannot be used (a CPU-only torch, no GPU visible, a bad index),
+    instead of torch's internal error from the first call that touches it."""
+    if device.type == "cpu":
+        return
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError(f"config field 'device': {device} requested but {why}; use --device cpu or auto")
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"config field 'device': {device} requested but only {torch.cuda.device_count()} "
+                              f"GPU(s) are visible")
+        return
+    try:  # other backends (mps, xpu, ...): the cheapest test is to allocate on them
+        torch.empty(0, device=device)
+    except Exception as e:  # each backend fails differently (RuntimeError, AssertionError, ...)
+        raise ConfigError(f"config field 'device': {device} cannot be used: {str(e).splitlines()[0]}") from None
+
+
+def prepare_out_dir(cfg: TrainConfig) -> list[str]:
+    """Create ``out_dir`` and prove it writable now, rather than after the first hour of training; then
+    tidy what killed runs left in its checkpoint directory. Returns what was tidied, for the log."""
+    out_dir = Path(cfg.out_dir)
+    probe = out_dir / f".write-test-{os.getpid()}"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"vlcore")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"config field 'out_dir': cannot write to {out_dir}: {e.strerror or e}") from None
+    return tidy_checkpoint_dir(out_dir / "checkpoints")
 
 
 def seed_everything(seed: int) -> None:
@@ -137,11 +177,13 @@ def build_contrastive_loss(cfg: TrainConfig, rank: int, world_size: int) -> torc
     return ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
 
 
-def build_model(cfg: TrainConfig, contrastive_loss: Optional[torch.nn.Module] = None):
+def build_model(cfg: TrainConfig, contrastive_loss: Optional[torch.nn.Module] = None,
+                notes: Optional[list[str]] = None):
     """``(model, model_cfg)`` with the config's switches (impl, ToMe, pooling, NVFP4, checkpointing) applied.
 
     The model JSON is read once, into ``model_cfg``, and the model is built from that parsed config. A
-    fusion model receives ``contrastive_loss`` as its ITC loss through its constructor.
+    fusion model receives ``contrastive_loss`` as its ITC loss through its constructor. What the switches
+    did (the NVFP4 conversion report) is appended to ``notes`` for the log.
     """
     try:
         model_cfg = get_model_config(cfg.model, **model_overrides(cfg))
@@ -152,13 +194,12 @@ def build_model(cfg: TrainConfig, contrastive_loss: Optional[torch.nn.Module] = 
                           "/path/to/bpe_simple_vocab_16e6.txt.gz (shipped in the open_clip wheel; nothing is downloaded)")
     itc_loss = contrastive_loss if model_cfg.kind == "fusion" else None
     model = build_model_from_config(model_cfg, itc_loss=itc_loss)
-    if cfg.nvfp4:
-        try:
-            from vlcore.nvfp4 import convert
-        except ImportError:
-            raise ConfigError("config field 'nvfp4': this vlcore build has no vlcore.nvfp4.convert; "
-                              "train without --nvfp4 or install a vlcore with the NVFP4 module") from None
-        model = convert(model, cfg.nvfp4) or model
+    if cfg.nvfp4 is not None:
+        # In place: the converted layers share the original parameters (same names in the state dict) and
+        # add their stochastic-rounding state as buffers, which checkpoints carry for exact resume.
+        report = convert(model, nvfp4_policy(cfg.nvfp4))
+        if notes is not None:
+            notes.append(f"--nvfp4 {cfg.nvfp4}: {report}")
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(model)
     return model, model_cfg
@@ -166,16 +207,12 @@ def build_model(cfg: TrainConfig, contrastive_loss: Optional[torch.nn.Module] = 
 
 def enable_grad_checkpointing(model: torch.nn.Module) -> None:
     """Recompute every transformer block in the backward pass instead of storing its activations."""
-    from torch.utils.checkpoint import checkpoint
-
-    from vlcore.nn.transformer import Block
-
     for block in model.modules():
         if isinstance(block, Block):
             # Only under grad: evaluation (no_grad) runs the block plainly, with nothing to recompute.
             def forward(*args, _forward=block.forward, **kwargs):
                 if torch.is_grad_enabled():
-                    return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+                    return activation_checkpoint(_forward, *args, use_reentrant=False, **kwargs)
                 return _forward(*args, **kwargs)
             block.forward = forward
 
@@ -210,16 +247,29 @@ def build_stream_spec(cfg: TrainConfig, model_cfg, rank: int, world_size: int, l
         source = D.SyntheticSource(cfg.seed, synthetic.TRAIN, cfg.synthetic_size, model_cfg.vision_cfg.image_size)
         kind, tar_reader = "map", None
     elif cfg.data == "csv":
-        source = D.CsvSource(cfg.train_data, cfg.csv_image_key, cfg.csv_caption_key)
+        source = D.CsvSource(existing_file(cfg.train_data, "train_data"), cfg.csv_image_key, cfg.csv_caption_key)
         kind, tar_reader = "map", None
     else:
         source = D.expand_braces(cfg.train_data)
-        missing = [p for p in source if not os.path.exists(p)]
+        missing = [p for p in source if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"train_data: {len(missing)} shards do not exist, e.g. {missing[0]}")
+            raise ConfigError(f"config field 'train_data': {len(missing)} of {len(source)} shards do not exist, "
+                              f"e.g. {missing[0]}")
         kind, tar_reader = "tar", D.TarReader(cfg.wds_image_keys.split(";"), cfg.wds_caption_key, cfg.json_caption_field)
+    if kind == "map" and len(source) < local_batch * world_size:
+        # Every batch of a map-style source is a slice of one epoch's order: one batch must fit in an epoch.
+        field = "synthetic_size" if cfg.data == "synthetic" else "train_data"
+        raise ConfigError(f"config field '{field}': {len(source)} samples are fewer than one batch "
+                          f"({local_batch * world_size} = batch_size / grad_accum)")
     return D.StreamSpec(kind, source, local_batch, rank, world_size, cfg.seed, transform, make_collate(model_cfg, True),
                         tar_reader=tar_reader, train=True, shuffle=cfg.shuffle)
+
+
+def existing_file(path: str, field: str) -> str:
+    if not os.path.isfile(path):
+        why = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise ConfigError(f"config field '{field}': {path} {why}")
+    return path
 
 
 def build_eval_set(cfg: TrainConfig, model_cfg):
@@ -228,10 +278,12 @@ def build_eval_set(cfg: TrainConfig, model_cfg):
     if cfg.val_data:
         kind = cfg.val_data_type or cfg.data
         if kind == "csv":
-            return D.load_eval_set(D.CsvSource(cfg.val_data, cfg.csv_image_key, cfg.csv_caption_key), transform)
+            source = D.CsvSource(existing_file(cfg.val_data, "val_data"), cfg.csv_image_key, cfg.csv_caption_key)
+            return D.load_eval_set(source, transform)
         if kind == "wds":
             reader = D.TarReader(cfg.wds_image_keys.split(";"), cfg.wds_caption_key, cfg.json_caption_field)
-            return D.load_eval_set([reader, D.expand_braces(cfg.val_data)], transform)
+            shards = [existing_file(p, "val_data") for p in D.expand_braces(cfg.val_data)]
+            return D.load_eval_set([reader, shards], transform)
         raise ConfigError("config field 'val_data_type': give 'wds' or 'csv' for val_data")
     if cfg.data == "synthetic":
         source = D.SyntheticSource(cfg.seed, synthetic.EVAL, cfg.synthetic_eval_size, model_cfg.vision_cfg.image_size)
@@ -269,7 +321,12 @@ def find_resume(cfg: TrainConfig) -> Optional[Path]:
 
 def load_weights(checkpoint: Path, model: torch.nn.Module, world_size: int) -> dict:
     """Load the checkpoint's weights into the plain model; return the rest of its state."""
-    state = load_checkpoint(checkpoint, model)
+    try:
+        state = load_checkpoint(checkpoint, model)
+    except RuntimeError as e:  # torch lists every mismatched key; the first line says what kind of mismatch
+        raise ResumeError(f"{checkpoint} does not fit this model ({str(e).strip().splitlines()[0].rstrip(':')}): "
+                          f"it was written with other model settings (--model, --model-overrides, --nvfp4, "
+                          f"--tome-r ...); resume with the same ones, or pass --resume none with a new --out-dir") from None
     if state["world_size"] != world_size:
         raise ResumeError(f"{checkpoint} was written by a run with world_size {state['world_size']}; this run "
                           f"has {world_size}. Exact resume needs the same world size (the data order and "
@@ -302,10 +359,12 @@ def build_run(cfg: TrainConfig) -> Run:
     """Everything :func:`vlcore.train.loop.train` needs, in the order the module docstring explains."""
     rank, world_size, device = setup_distributed(cfg)
     local_batch = local_batch_size(cfg, world_size)
+    # Rank 0 alone writes; it checks out_dir before any work and removes what killed runs left there.
+    notes = prepare_out_dir(cfg) if rank == 0 else []
 
     seed_everything(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     contrastive_loss = build_contrastive_loss(cfg, rank, world_size)
-    model, model_cfg = build_model(cfg, contrastive_loss)
+    model, model_cfg = build_model(cfg, contrastive_loss, notes)
     model.to(device)
     check_model_switches(cfg, model_cfg)
 
@@ -337,6 +396,8 @@ def build_run(cfg: TrainConfig) -> Run:
     eval_set = build_eval_set(cfg, model_cfg) if evaluating else None
 
     logger = RunLogger(Path(cfg.out_dir), cfg, rank == 0, start_step)
+    if eval_set is not None and eval_set[2]:
+        notes.append(f"evaluation set: {len(eval_set[1])} images; {eval_set[2]} unreadable samples skipped")
     if cfg.synthetic_benchmark:
         batches = synthetic_benchmark_batches(model_cfg, local_batch, device)
     else:
@@ -349,4 +410,4 @@ def build_run(cfg: TrainConfig) -> Run:
                local_batch=local_batch, fsdp=use_fsdp, logger=logger,
                state=TrainState(step=start_step, position=D.DataPosition(cfg.workers, data_state),
                                 checkpoint_path=checkpoint),
-               resumed_from=checkpoint)
+               resumed_from=checkpoint, notes=notes + logger.notes)

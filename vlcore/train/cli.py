@@ -25,12 +25,40 @@ import torch.distributed as dist
 from vlcore.train.builders import ResumeError, autocast_for, build_eval_set, build_model, build_run
 from vlcore.train.checkpoint import latest_checkpoint, load_checkpoint
 from vlcore.train.data import DataSchemaError
-from vlcore.train.loop import train
+from vlcore.train.loop import NonFiniteLoss, train
 from vlcore.train.metrics import evaluate
 from vlcore.train.params import ConfigError, TrainConfig, apply, help_text, load_config, split_argv
 
-#: errors caused by the configuration or the data rather than by a bug: one line, no traceback
+#: errors caused by the configuration or the data rather than by a bug: one line, exit code 2
 USER_ERRORS = (ConfigError, DataSchemaError, ResumeError)
+#: failures of the environment or of the training itself (a full or read-only disk, a diverged loss): one
+#: line, exit code 1. The checkpoints written before are intact, so the run can be resumed.
+RUN_ERRORS = (OSError, NonFiniteLoss)
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line. An error raised in a dataloader worker arrives with the worker's
+    traceback folded into its message; its last line is the original message."""
+    if isinstance(error, OSError) and error.strerror:  # "No space left on device: path", not "[Errno 28] ..."
+        return error.strerror + (f": {error.filename}" if error.filename else "")
+    lines = [line for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
+    if len(lines) == 1:
+        return lines[0]
+    last = lines[-1]
+    prefix = f"{type(error).__module__}.{type(error).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
+def run_cli(program: str, function) -> object:
+    """Run ``function()``; a user or run error becomes ``program: error: ...`` on stderr and an exit code."""
+    try:
+        return function()
+    except USER_ERRORS as e:
+        print(f"{program}: error: {one_line(e)}", file=sys.stderr)
+        raise SystemExit(2)
+    except RUN_ERRORS as e:
+        print(f"{program}: error: {one_line(e)}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -51,12 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def train_cli() -> None:
-    """Console entry point of ``vlcore-train``: user errors print one line instead of a traceback."""
-    try:
-        summary = main()
-    except USER_ERRORS as e:
-        print(f"vlcore-train: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    """Console entry point of ``vlcore-train``: errors print one line instead of a traceback."""
+    summary = run_cli("vlcore-train", main)
     if summary.get("interrupted"):
         raise SystemExit(130)  # the shell's code for "stopped by Ctrl-C"
 
@@ -94,8 +118,4 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> dict:
 
 def eval_cli() -> None:
     """Console entry point of ``vlcore-eval``."""
-    try:
-        eval_main()
-    except USER_ERRORS + (FileNotFoundError,) as e:
-        print(f"vlcore-eval: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    run_cli("vlcore-eval", eval_main)

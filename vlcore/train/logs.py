@@ -1,28 +1,68 @@
 """What the user sees: a tqdm bar, one line per log interval, metrics.jsonl + TensorBoard, and at the end a
-PNG of the curves and a short text report. Only rank 0 writes anything."""
+PNG of the curves and a short text report. Only rank 0 writes anything.
+
+``metrics.jsonl`` is append-only while the run lives; a crash or a full disk can cut its last line short.
+A log must never stop a resume, so on start the file is read line by line, unreadable lines are dropped
+(and counted in the log), records past the resumed step are forgotten (those steps run again and are logged
+again), and the file is rewritten atomically.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 
+def read_records(path: Path, last_step: int) -> tuple[list[dict], int]:
+    """``(records up to last_step, unreadable lines)`` of a metrics.jsonl; a missing file has neither."""
+    if not path.exists():
+        return [], 0
+    records, unreadable = [], 0
+    for line in path.read_bytes().split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            unreadable += 1  # a torn write: the tail of a line that never reached the disk
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            unreadable += 1
+            continue
+        if record["step"] <= last_step:
+            records.append(record)
+    return records, unreadable
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` so that a crash leaves the old file or the new one, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class RunLogger:
     def __init__(self, out_dir: Path, cfg, enabled: bool, start_step: int):
         self.enabled, self.out_dir = enabled, out_dir
-        self.bar, self.tb, self.records = None, None, []
+        self.bar, self.tb, self.records, self.notes = None, None, [], []
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = out_dir / "metrics.jsonl"
-        # On resume, forget records past the checkpoint: those steps run again and are logged again.
-        if self.metrics_path.exists():
-            with open(self.metrics_path) as f:
-                self.records = [r for r in map(json.loads, f) if r.get("step", 0) <= start_step]
-        with open(self.metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.records)
+        self.records, unreadable = read_records(self.metrics_path, start_step)
+        if unreadable:
+            self.notes.append(f"metrics.jsonl: dropped {unreadable} unreadable line(s), the tail of a write cut "
+                              f"short (a crash or a full disk)")
+        write_atomically(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.records))
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -46,8 +86,12 @@ class RunLogger:
         if not self.enabled:
             return
         self.records.append(record)
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk: say which file; the next start repairs a torn last line
+            raise OSError(e.errno, f"{e.strerror or e} (appending to {self.metrics_path}; the checkpoints are "
+                          f"intact: free space and run again to resume)") from e
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):

@@ -73,6 +73,8 @@ def announce(run: Run) -> None:
     logger.print(f"model {cfg.model} ({run.model_cfg.kind}, {params / 1e6:.2f} M parameters) on {run.device}, "
                  f"world size {run.world_size} ({mode}), global batch {cfg.batch_size} = {run.world_size} ranks x "
                  f"{cfg.grad_accum} micro-batches x {run.local_batch}")
+    for note in run.notes:
+        logger.print(note)
     if run.resumed_from is not None:
         logger.print(f"resumed from {run.resumed_from} at step {run.state.step}")
 
@@ -113,6 +115,7 @@ def train_step(run: Run) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         # Under FSDP the norm is a DTensor over the shards: the full norm is what the log should show.
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        note_nonfinite(run.state, grad_norm)  # clipping by a NaN norm would turn every weight into NaN
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)  # None, not zeros: the next backward writes instead of adding
@@ -163,20 +166,52 @@ def next_batch(run: Run) -> dict:
     batch, batch_position = next(run.batches)  # the workers prepare the following batches meanwhile
     meters.data_wait += time.perf_counter() - fetch_start
     if batch_position is not None:
-        run.state.position.update(batch_position)
+        for shard in run.state.position.update(batch_position):
+            run.logger.print(f"data: {shard} is truncated (no end-of-archive marker): its last sample and "
+                             f"whatever followed are lost; counted as skipped")
     if "padding_avoided" in batch:
         meters.padding_avoided += batch.pop("padding_avoided")
         meters.padding_batches += 1
     return to_device(batch, run.device)
 
 
-def note_nonfinite(state, loss: torch.Tensor) -> None:
-    """Remember (on the device, without a sync) the first step whose loss is NaN or infinite."""
-    step = torch.full((), state.step + 1, device=loss.device)
-    bad = ~torch.isfinite(loss.detach())
+def note_nonfinite(state, value: torch.Tensor) -> None:
+    """Remember (on the device, without a sync) the first step whose loss or gradient norm is NaN or
+    infinite; :func:`check_finite` reads it when the loop logs or saves."""
+    step = torch.full((), state.step + 1, device=value.device)
+    bad = ~torch.isfinite(value.detach())
     if state.first_nonfinite is None:
-        state.first_nonfinite = torch.zeros((), dtype=step.dtype, device=loss.device)
+        state.first_nonfinite = torch.zeros((), dtype=step.dtype, device=value.device)
     state.first_nonfinite = torch.where(bad & (state.first_nonfinite == 0), step, state.first_nonfinite)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or the gradients became NaN or infinite: the run stops and keeps its last good checkpoint."""
+
+
+def check_finite(run: Run, parameters: bool = False) -> None:
+    """Stop the run if a step since the start produced a non-finite loss or gradient norm, or (before a
+    save, ``parameters=True``) if a weight is no longer finite. Stopping rather than skipping such steps:
+    once one appears the weights are usually already damaged, and a checkpoint of them would replace a
+    good one. Every rank reaches the same verdict (one all-reduce), so no rank waits for one that left."""
+    state = run.state
+    first = int(state.first_nonfinite) if state.first_nonfinite is not None else 0
+    weights_ok = True
+    if parameters:
+        # One reduction over every parameter (the local shard under FSDP): a sync per save, not per step.
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in run.model.parameters()]
+        weights_ok = bool(torch.stack([torch.isfinite(p.detach()).all() for p in local]).all())
+    if run.world_size > 1:
+        verdict = torch.tensor([first, int(not weights_ok)], device=run.device)
+        dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
+        first, weights_ok = int(verdict[0]), not bool(verdict[1])
+    if first == 0 and weights_ok:
+        return
+    where = f"at step {first}" if first else f"by step {state.step}"
+    kept = (f"the last good checkpoint is {state.checkpoint_path}" if state.checkpoint_path is not None
+            else "no checkpoint was written")
+    raise NonFiniteLoss(f"the training diverged: the loss or gradients became NaN or infinite {where}; stopped "
+                        f"without saving, {kept}. Lower --lr, keep --grad-clip on, or look for bad data.")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,7 +248,8 @@ def log_step(run: Run, loss: torch.Tensor, grad_norm: Optional[torch.Tensor]) ->
         record["grad_norm"] = float(grad_norm)
     if hasattr(run.model, "logit"):
         record["logit_scale"] = float(run.model.logit.logit_scale.detach().exp())
-    logger.log(record)
+    logger.log(record)  # logged even when not finite: the record shows where it went wrong
+    check_finite(run)
     logger.progress(meters.interval_steps, loss=f"{loss_value:.3f}", samples_s=f"{samples_per_s:.0f}",
                     data_wait=f"{100 * record['data_wait']:.0f}%")
     # With a progress bar the bar carries the numbers; a printed line every ten records is enough.
@@ -246,6 +282,7 @@ def evaluate_and_save(run: Run, stopping: bool) -> None:
     if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
         run_evaluation(run)
     if stopping or step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+        check_finite(run, parameters=True)  # never replace a good checkpoint by a diverged one
         save(run)
 
 
@@ -253,10 +290,13 @@ def run_evaluation(run: Run) -> None:
     state = run.state
     if run.eval_set is not None and (run.is_main or run.fsdp):
         state.last_eval = evaluate(run.model, run.model_cfg, run.eval_set, run.device, run.autocast)
+        # Unreadable evaluation samples change what the metrics mean: they travel with every result.
+        state.last_eval["eval_skipped"] = run.eval_set[2]
     if run.is_main and run.eval_set is not None:
         run.logger.log({"step": state.step, **state.last_eval})
         shown = {k: v for k, v in state.last_eval.items() if k.endswith(("R@1", "R@5", "R@10", "_loss"))}
-        run.logger.print(f"step {state.step}: eval " + " ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+        run.logger.print(f"step {state.step}: eval " + " ".join(f"{k} {v:.4f}" for k, v in shown.items())
+                         + f" ({state.last_eval['eval_images']} images, {run.eval_set[2]} unreadable skipped)")
     if run.world_size > 1:  # the other ranks wait here while rank 0 evaluates
         dist.barrier()
 
@@ -292,6 +332,7 @@ def save(run: Run) -> None:
 def finish(run: Run) -> dict:
     cfg, state, meters = run.cfg, run.state, run.state.meters
     total_time = time.perf_counter() - meters.run_start
+    check_finite(run)
     if state.step == cfg.steps and not cfg.synthetic_benchmark:
         run_evaluation(run)
     summary = {"steps": state.step, "interrupted": state.interrupted,
@@ -304,6 +345,8 @@ def finish(run: Run) -> dict:
     if state.last_eval.get("i2t_chance_R@1"):
         summary["i2t_R@1_vs_chance"] = state.last_eval["i2t_R@1"] / state.last_eval["i2t_chance_R@1"]
     summary["skipped_samples"] = state.position.skipped
+    if state.position.truncated_shards:
+        summary["truncated_shards"] = len(state.position.truncated_shards)
     if meters.padding_batches:
         # Packed batches carry no padding at all; the padded layout is what they are compared against.
         summary["packing_padding_ratio"] = 0.0

@@ -74,6 +74,7 @@ class Run:
     logger: Any  # vlcore.train.logs.RunLogger
     state: TrainState
     resumed_from: Optional[Path] = None
+    notes: list = field(default_factory=list)  # what the setup did that the user should read (logged at start)
 
     @property
     def is_main(self) -> bool:
