@@ -7,6 +7,7 @@ The switch table must list every TrainConfig field: adding a field without a tes
 
 import csv
 import errno
+import io
 import json
 import os
 import subprocess
@@ -287,3 +288,38 @@ def test_the_real_command_line(tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2
     _assert_one_line(bad.stderr, "vlcore-train: error: config field 'device'")
+
+
+class _Terminal(io.StringIO):
+    """A captured stream that says it is a terminal."""
+
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("setting, terminal, bar", [
+    (None, False, False), (None, True, True),  # unset: a bar only on a terminal
+    ("true", False, True), ("false", True, False),  # --progress forces it either way
+])
+def test_progress_bar_only_on_a_terminal_unless_forced(setting, terminal, bar, tmp_path, monkeypatch):
+    """stdout and stderr share one stream, as with `2>&1 > log`. Without a bar the stream holds log lines
+    only; with one, every log line still stands whole on its own line (tqdm erases the bar, writes the
+    line, redraws the bar)."""
+    stream = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stdout", stream)
+    monkeypatch.setattr(sys, "stderr", stream)
+    i = TINY.index("--progress")
+    argv = TINY[:i] + TINY[i + 2:]
+    argv += ["--steps", "12", "--out-dir", str(tmp_path)] + (["--progress", setting] if setting else [])
+    cli.main(argv)
+    text = stream.getvalue()
+    assert ("train:" in text and "%|" in text) == bar, text[-2000:]  # tqdm's frame: "train:  50%|#####  |"
+    assert ("\r" in text) == bar
+    rows = [row.rsplit("\r", 1)[-1] for row in text.split("\n")]  # what each terminal row ends up showing
+    logged = [row for row in rows if row.startswith("step ")]
+    # The log lines: every step when there is no bar (the bar shows the numbers otherwise), and the
+    # checkpoint line, each intact.
+    assert sum(row.startswith("step     ") for row in logged) == (2 if bar else 12), logged
+    assert any(row.startswith("step 12: checkpoint") for row in logged)
+    for row in rows:
+        assert "train:" not in row or not row.startswith(("step", "config", "model")), row

@@ -47,6 +47,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def rng_state() -> dict:
+    """Every random stream the step may draw from (dropout, masking, negatives), for exact resume. The
+    dataloader's randomness is not here: it is seeded per sample from the data position instead."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -62,6 +64,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries (the renames), to the disk: without it a power cut after the
+    rename can leave a "complete" checkpoint whose files are empty."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -73,6 +77,7 @@ def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary directories are ignored)."""
     if not directory.is_dir():
         return []
+    # state.pt is written after the weights: a directory that has it is complete.
     found = [p for p in directory.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "state.pt").exists()]
     return sorted(found, key=lambda p: p.name)
 
@@ -89,6 +94,7 @@ def save_checkpoint(directory: Path, step: int, model: nn.Module, state: dict, k
     with the cause's errno (ENOSPC for a full disk) and leaves the directory as it was."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{step:08d}"
+    # The pid in the name keeps two processes that share an out_dir by mistake from writing into one directory.
     tmp = directory / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -111,6 +117,7 @@ def save_checkpoint(directory: Path, step: int, model: nn.Module, state: dict, k
     else:
         os.rename(tmp, final)
     _fsync(directory)  # the renames themselves must reach the disk before we call the checkpoint done
+    # Older checkpoints go only now, once the new one is safely in place.
     for stale in list_checkpoints(directory)[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
@@ -174,4 +181,7 @@ def load_checkpoint(path: Path, model: Optional[nn.Module] = None) -> dict:
         raise FileNotFoundError(f"{path} is not a checkpoint directory (model.safetensors + state.pt)")
     if model is not None:
         load_model(unwrap(model), str(path / "model.safetensors"))
+    # map_location="cpu": the optimizer moves its state to the parameters' device when it loads it, and a
+    # checkpoint from GPU 3 must load on a machine without one. weights_only=False: the state holds numpy
+    # and Python RNG states; load only checkpoints you trust (as with any pickle).
     return torch.load(path / "state.pt", map_location="cpu", weights_only=False)

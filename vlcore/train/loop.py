@@ -39,10 +39,14 @@ def train(run: Run) -> dict:
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     try:
+        # A resumed run starts at its checkpoint's step; one that already reached cfg.steps goes straight to
+        # the final evaluation and report.
         while state.step < cfg.steps:
             loss, grad_norm = train_step(run)
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
                 log_step(run, loss, grad_norm)
+            # Checked after the step, never inside it: an interrupted optimizer step would leave weights and
+            # optimizer state out of step with each other.
             stopping = all_agree_to_stop(run, stop)
             if not cfg.synthetic_benchmark:  # a benchmark neither evaluates nor saves
                 evaluate_and_save(run, stopping)
@@ -148,6 +152,7 @@ def accumulate_step(run: Run) -> torch.Tensor:
 def grad_cache_step(run: Run) -> torch.Tensor:
     """GradCache: the loss over all micro-batches together (every sample is a negative for every other),
     with one micro-batch's activations at a time (:mod:`vlcore.models.grad_cache`)."""
+    # Only inputs are held for the whole batch (small); activations live for one micro-batch at a time.
     micro_batches = [next_batch(run) for _ in range(run.cfg.grad_accum)]
     images = torch.cat([b["images"] for b in micro_batches])
     tokens = torch.cat([b["tokens"] for b in micro_batches])
@@ -238,6 +243,8 @@ def all_sum(value: int, run: Run) -> int:
 def log_step(run: Run, loss: torch.Tensor, grad_norm: Optional[torch.Tensor]) -> None:
     """One metrics record (metrics.jsonl, TensorBoard, the bar); every tenth a printed line."""
     cfg, state, meters, logger = run.cfg, run.state, run.state.meters, run.logger
+    # The logged loss is the mean over ranks of the last step's loss (not an average over the interval):
+    # the exact-resume tests compare it step by step.
     loss_value = all_mean(loss, run.world_size)
     skipped = all_sum(state.position.skipped, run)
     elapsed = time.perf_counter() - meters.interval_start
@@ -253,7 +260,7 @@ def log_step(run: Run, loss: torch.Tensor, grad_norm: Optional[torch.Tensor]) ->
     logger.progress(meters.interval_steps, loss=f"{loss_value:.3f}", samples_s=f"{samples_per_s:.0f}",
                     data_wait=f"{100 * record['data_wait']:.0f}%")
     # With a progress bar the bar carries the numbers; a printed line every ten records is enough.
-    if state.step % (cfg.log_every * 10) == 0 or state.step == cfg.steps or cfg.progress is False:
+    if state.step % (cfg.log_every * 10) == 0 or state.step == cfg.steps or logger.bar is None:
         logger.print(f"step {state.step:>6}/{cfg.steps} | loss {loss_value:.4f} | lr {record['lr']:.2e} | "
                      f"{samples_per_s:,.0f} samples/s | data wait {100 * record['data_wait']:.0f}% | "
                      f"{1e3 * elapsed / meters.interval_steps:.1f} ms/step | skipped {skipped}")
@@ -330,6 +337,8 @@ def save(run: Run) -> None:
 
 
 def finish(run: Run) -> dict:
+    """Final evaluation, then the summary (returned, and written by rank 0 as report.txt, summary.json and
+    curves.png). The summary is what a user reads first: throughput, memory, metrics, skipped data."""
     cfg, state, meters = run.cfg, run.state, run.state.meters
     total_time = time.perf_counter() - meters.run_start
     check_finite(run)
@@ -359,6 +368,8 @@ def finish(run: Run) -> dict:
 
 
 def write_report(run: Run, summary: dict) -> None:
+    # final_loss comes from the log, not from memory, so a resumed run that had nothing left to train still
+    # reports the loss its last step had.
     logger = run.logger
     losses = [r["loss"] for r in logger.records if "loss" in r]
     if losses:

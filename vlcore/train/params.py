@@ -78,7 +78,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints (0: only at the end and on Ctrl-C)
     keep_checkpoints: int = 2  # the last K checkpoints are kept
     resume: str = "auto"  # "auto": continue from the latest checkpoint in out_dir if any; "none"; or a checkpoint path
-    progress: bool = True  # tqdm progress bar (rank 0)
+    progress: Optional[bool] = None  # tqdm bar (rank 0): none = only when stderr is a terminal; true/false force it
     tensorboard: bool = True  # also write TensorBoard event files
     plot: bool = True  # loss / retrieval PNG at the end
     device: str = "auto"  # "auto": cuda when available, else cpu
@@ -187,7 +187,7 @@ def parse_value(name: str, raw):
     hint = _HINTS[name]
     optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
     base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
-    if optional and (raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null"))):
+    if optional and (raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "auto"))):
         return None
     try:
         if base is bool:
@@ -295,7 +295,7 @@ def load_config(argv: Sequence[str] = ()) -> TrainConfig:
             continue
         if key not in FIELDS:
             raise _unknown(key)
-        if value is None and _HINTS[key] is not bool:
+        if value is None and _HINTS[key] not in (bool, Optional[bool]):  # a bare switch means true
             raise ConfigError(f"config field '{key}': needs a value (--{key.replace('_', '-')} VALUE)")
         setattr(cfg, key, parse_value(key, True if value is None else value))
     cfg.check()
