@@ -323,3 +323,13 @@ def test_progress_bar_only_on_a_terminal_unless_forced(setting, terminal, bar, t
     assert any(row.startswith("step 12: checkpoint") for row in logged)
     for row in rows:
         assert "train:" not in row or not row.startswith(("step", "config", "model")), row
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--val-data", "x.csv"], "--checkpoint PATH is required"),
+    (["--checkpoint", "/no/such/run"], "--checkpoint: /no/such/run is not a checkpoint directory"),
+])
+def test_eval_command_line_errors_are_one_line(argv, needle, monkeypatch, capsys):
+    code, err = _cli_error(monkeypatch, capsys, argv, entry=cli.eval_cli)
+    assert code == 2
+    _assert_one_line(err, "vlcore-eval: error: ", needle)

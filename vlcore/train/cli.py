@@ -97,9 +97,12 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> dict:
     if path is None:
         raise ConfigError("--checkpoint PATH is required (a step_* directory or a run's out_dir)")
     if (Path(path) / "checkpoints").is_dir():  # a run directory: its latest checkpoint
-        path = latest_checkpoint(Path(path) / "checkpoints")
-    # The checkpoint's own config rebuilds the same model; the command line may change the data only.
-    state = load_checkpoint(Path(path))
+        path = latest_checkpoint(Path(path) / "checkpoints") or path
+    try:
+        # The checkpoint's own config rebuilds the same model; the command line may change the data only.
+        state = load_checkpoint(Path(path))
+    except FileNotFoundError as e:
+        raise ConfigError(f"--checkpoint: {e}") from None
     cfg = TrainConfig()
     apply(cfg, state["config"], "checkpoint config")
     apply(cfg, pairs, "command line")
