@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from vlcore.train.main import main
+from vlcore.train.cli import main
 from vlcore.train.params import ConfigError, TrainConfig, help_text, list_presets, load_config
 
 
@@ -34,6 +34,9 @@ def test_config_file_then_command_line(tmp_path):
     (["--data", "parquet"], "config field 'data': must be one of"),
     (["--batch-size", "0"], "config field 'batch_size': must be positive"),
     (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--preset"], "--preset needs a value"),
+    (["--config"], "--config needs a value"),
+    (["--config", "/no/such/file.json"], "config file /no/such/file.json: No such file or directory"),
     (["--steps"], "config field 'steps': needs a value"),
     (["steps=3"], "unexpected argument 'steps=3'"),
 ])
@@ -61,19 +64,58 @@ def test_model_errors_and_global_batch_errors_name_the_field(tmp_path):
         main(["--tome-r", "eight", "--out-dir", str(tmp_path)])
 
 
-def test_nvfp4_switch_needs_the_module(tmp_path, monkeypatch):
-    import builtins
+def test_nvfp4_values_parse_into_policies():
+    from vlcore.nvfp4 import NVFP4Policy, NVFP4Recipe
 
-    real_import = builtins.__import__
+    from vlcore.train.params import NVFP4_POLICIES, nvfp4_policy
 
-    def no_nvfp4(name, *args, **kwargs):
-        if name.startswith("vlcore.nvfp4"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
+    assert nvfp4_policy("default") == NVFP4Policy()
+    assert nvfp4_policy("all-blocks").keep_last_fraction == 0.0
+    assert nvfp4_policy('{"keep_first_blocks": 1, "recipe": {"rht": false}}') == NVFP4Policy(
+        keep_first_blocks=1, recipe=NVFP4Recipe(rht=False))
+    for name in NVFP4_POLICIES:
+        assert load_config(["--nvfp4", name]).nvfp4 == name
+        assert name in help_text()
 
-    monkeypatch.setattr(builtins, "__import__", no_nvfp4)
-    with pytest.raises(ConfigError, match="config field 'nvfp4': this vlcore build has no vlcore.nvfp4.convert"):
-        main(["--nvfp4", "default", "--out-dir", str(tmp_path)])
+
+@pytest.mark.parametrize("value, message", [
+    ("fp4", "expected one of ['default'"),
+    ('{"keep_last_fraction": 2}', "keep_last_fraction must be in [0, 1]"),
+    ('{"keep_last": 0.1}', "unexpected keyword argument 'keep_last'"),
+    ('{"recipe": {"rht": 1, "nope": 2}}', "unexpected keyword argument 'nope'"),
+    ('{"keep_last_fraction": "a"}', "config field 'nvfp4'"),
+    ("{not json", "config field 'nvfp4'"),
+])
+def test_bad_nvfp4_values_name_the_field(value, message):
+    with pytest.raises(ConfigError, match="config field 'nvfp4'") as e:
+        load_config(["--nvfp4", value])
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("lr", "inf", "a finite number > 0"), ("lr", "nan", "a finite number > 0"), ("lr", "0", "a finite number > 0"),
+    ("lr", "-1e-3", "a finite number > 0"),
+    ("weight-decay", "nan", "a finite number >= 0"), ("weight-decay", "-0.1", "a finite number >= 0"),
+    ("weight-decay", "inf", "a finite number >= 0"),
+    ("grad-clip", "nan", "or 0 to turn clipping off"), ("grad-clip", "-1", "or 0 to turn clipping off"),
+    ("grad-clip", "inf", "or 0 to turn clipping off"),
+    ("min-lr-ratio", "-5", "in [0, 1]"), ("min-lr-ratio", "1.5", "in [0, 1]"), ("min-lr-ratio", "nan", "in [0, 1]"),
+    ("beta1", "2", "in [0, 1)"), ("beta1", "1", "in [0, 1)"), ("beta1", "nan", "in [0, 1)"),
+    ("beta2", "-1", "in [0, 1)"), ("beta2", "1.0", "in [0, 1)"),
+    ("eps", "-1", "a finite number > 0"), ("eps", "0", "a finite number > 0"), ("eps", "nan", "a finite number > 0"),
+    ("warmup-steps", "-1", ">= 0"), ("workers", "-2", ">= 0"), ("keep-checkpoints", "0", "positive"),
+    ("device", "gpu0", "expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+])
+def test_numeric_ranges_are_checked_with_the_field_named(field, value, allowed):
+    with pytest.raises(ConfigError, match=f"config field '{field.replace('-', '_')}'") as e:
+        load_config([f"--{field}", value])
+    assert allowed in str(e.value)
+
+
+def test_edges_of_the_ranges_are_accepted():
+    cfg = load_config(["--grad-clip", "0", "--weight-decay", "0", "--min-lr-ratio", "1", "--beta1", "0",
+                       "--eps", "1e-30", "--min-lr-ratio", "0"])
+    assert (cfg.grad_clip, cfg.weight_decay, cfg.beta1) == (0.0, 0.0, 0.0)
 
 
 def test_help_lists_every_field(capsys):

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from vlcore.train.main import main
+from vlcore.train.cli import main
 
 from .helpers import TINY, read_metrics
 

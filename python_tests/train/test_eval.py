@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vlcore.train.evaluate import retrieval_metrics
+from vlcore.train.metrics import retrieval_metrics
 
 
 class FeatureModel(torch.nn.Module):

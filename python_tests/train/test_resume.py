@@ -1,7 +1,10 @@
 """Exact resume: a run killed with SIGKILL and resumed logs the same per-step losses as an uninterrupted one;
 checkpoints are atomic; a changed world size is refused with a clear message."""
 
+import errno
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +15,7 @@ import pytest
 import torch
 
 from vlcore.train import checkpoint as ckpt
-from vlcore.train.main import main
+from vlcore.train.cli import main
 
 from .helpers import TINY, clean_samples, read_metrics, write_shard
 
@@ -88,19 +91,21 @@ def test_checkpoint_write_is_atomic_and_keeps_the_last_k(tmp_path, monkeypatch):
         ckpt.save_checkpoint(directory, step, model, {"step": step}, keep=2)
     assert [p.name for p in ckpt.list_checkpoints(directory)] == ["step_00000002", "step_00000003"]
 
-    # A crash while state.pt is being written leaves the previous latest checkpoint intact and complete.
-    def crash(obj, path, *args, **kwargs):
-        Path(path).write_bytes(b"half a file")
-        raise OSError("disk full")
+    # A failed write of state.pt (a full disk) leaves the previous latest checkpoint intact and complete, and
+    # removes its own temporary directory.
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt.torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="No space left on device .checkpoint step_00000004 not written") as e:
         ckpt.save_checkpoint(directory, 4, model, {"step": 4}, keep=2)
+    assert e.value.errno == errno.ENOSPC
     monkeypatch.undo()
     latest = ckpt.latest_checkpoint(directory)
     assert latest.name == "step_00000003"
     assert ckpt.load_checkpoint(latest, model)["step"] == 3
-    assert not (directory / "step_00000004").exists()  # only a temporary directory, which is ignored
+    assert sorted(p.name for p in directory.iterdir()) == ["step_00000002", "step_00000003"]
 
     # Saving the same step again replaces it completely.
     with torch.no_grad():
@@ -119,3 +124,42 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
     torch.save(state, state_path)
     with pytest.raises(RuntimeError, match="written by a run with world_size 2; this run has 1"):
         main(TINY + ["--steps", "2", "--out-dir", str(tmp_path)])
+
+
+def test_torn_metrics_tail_never_blocks_a_resume(tmp_path, capsys):
+    """A crash or a full disk during an append leaves a torn last line (and maybe bytes that are not UTF-8):
+    the resume drops it, says so, and the log ends up with every step exactly once."""
+    argv = TINY + ["--checkpoint-every", "2", "--out-dir", str(tmp_path)]
+    main(argv + ["--steps", "4"])
+    reference = read_metrics(tmp_path)
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 5, "loss": 2.1\n\xff\xfe garbage\n{"step": 6, "lo')
+    summary = main(argv + ["--steps", "6"])
+    assert summary["steps"] == 6
+    assert "metrics.jsonl: dropped 3 unreadable line(s)" in capsys.readouterr().out
+    losses = read_metrics(tmp_path)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert all(losses[step] == reference[step] for step in reference)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(line) for line in lines)  # every line parses again
+
+
+def test_leftovers_of_interrupted_saves_are_tidied_on_start(tmp_path, capsys):
+    """.tmp-* directories (a save killed midway) are removed; an .old-* directory whose step_* is missing
+    (killed between the two renames of a re-save) is the only complete copy and is renamed back."""
+    main(TINY + ["--steps", "2", "--checkpoint-every", "1", "--keep-checkpoints", "3", "--out-dir", str(tmp_path)])
+    checkpoints = tmp_path / "checkpoints"
+    os.rename(checkpoints / "step_00000002", checkpoints / ".old-step_00000002-4242")
+    orphan = checkpoints / ".tmp-step_00000003-4243"
+    orphan.mkdir()
+    (orphan / "model.safetensors").write_bytes(b"\0" * 2 ** 20)
+    stale_old = checkpoints / ".old-step_00000001-4244"  # step_00000001 exists: a leftover
+    shutil.copytree(checkpoints / "step_00000001", stale_old)
+    capsys.readouterr()
+    summary = main(TINY + ["--steps", "3", "--keep-checkpoints", "3", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "checkpoints: restored step_00000002 from .old-step_00000002-4242" in out
+    assert "checkpoints: removed .tmp-step_00000003-4243 (1.0 MiB)" in out
+    assert "resumed from" in out and "at step 2" in out  # from the restored checkpoint
+    assert summary["steps"] == 3
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000001", "step_00000002", "step_00000003"]

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from vlcore.train.evaluate import eval_main
-from vlcore.train.main import main
+from vlcore.train.cli import eval_main
+from vlcore.train.cli import main
 
 from vlcore.train.params import ConfigError
 

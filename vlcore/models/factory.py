@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 from torch import nn
 
@@ -49,12 +50,17 @@ def create_model(name: str, **overrides) -> nn.Module:
     return build_model(cfg)
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
+def build_model(cfg: ModelConfig, *, itc_loss: Optional[nn.Module] = None) -> nn.Module:
+    """The model of an already parsed config. ``itc_loss`` replaces a fusion model's default contrastive
+    loss (CLIP's loss is applied by the caller, on the features the model returns)."""
+    if itc_loss is not None and cfg.kind != "fusion":
+        raise ValueError(f"build_model: itc_loss is the fusion models' ITC loss; model kind {cfg.kind!r} has none")
     if cfg.kind == "clip":
         from vlcore.models.clip import CLIP
         return CLIP(cfg)
     if cfg.kind == "fusion":
         from vlcore.models.fusion import BridgeTowerModel, FusionModel
-        return FusionModel(cfg) if cfg.fusion_cfg.variant == "fiber" else BridgeTowerModel(cfg)
+        model_cls = FusionModel if cfg.fusion_cfg.variant == "fiber" else BridgeTowerModel
+        return model_cls(cfg, itc_loss)
     from vlcore.models.captioner import Captioner
     return Captioner(cfg)

@@ -55,7 +55,7 @@ class FusionModel(nn.Module):
     """``forward(images [B, 3, H, W], tokens [B, L]) -> dict(itc, itm, mlm, loss)``; ``encode_image`` /
     ``encode_text`` are the unfused dual encoder (normalised ``[B, embed_dim]``)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, itc_loss: Optional[nn.Module] = None):
         super().__init__()
         self.config = cfg
         vision, text, fusion = cfg.vision_cfg, cfg.text_cfg, cfg.fusion_cfg
@@ -68,8 +68,9 @@ class FusionModel(nn.Module):
         self.logit = LogitScale(cfg.init_logit_scale, cfg.init_logit_bias)
         self.itm_head = nn.Linear(text.width + vision.width, 2)
         self.mlm_head = MlmHead(text.width, text.vocab_size, text.norm_eps)
-        #: the ITC loss; a trainer replaces it with a distributed ``ClipLoss(local_loss=True, ...)``
-        self.itc_loss = ClipLoss()
+        #: the ITC loss: one process's ``ClipLoss`` unless the caller passes another (a distributed trainer
+        #: passes ``ClipLoss(local_loss=True, gather_with_grad=True, rank=..., world_size=...)`` or a SigLIP loss)
+        self.itc_loss = itc_loss if itc_loss is not None else ClipLoss()
 
     @property
     def image_size(self) -> int:
@@ -222,8 +223,8 @@ class BridgeTowerModel(FusionModel):
     towers run unfused; the outputs of their top K layers feed, one to one through bridge layers, a K-layer
     cross-modal encoder per modality whose layers read each other's inputs (cross-attention, not gated)."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: ModelConfig, itc_loss: Optional[nn.Module] = None):
+        super().__init__(cfg, itc_loss)
         vision, text, k = cfg.vision_cfg, cfg.text_cfg, cfg.fusion_cfg.layers
         self.image_cross = CrossModalTower(vision.width, vision.heads, text.width, k, mlp_ratio=vision.mlp_ratio,
                                            act=vision.act, norm_eps=vision.norm_eps, impl=cfg.impl)

@@ -1,3 +1,3 @@
-from vlcore.train.main import cli
+from vlcore.train.cli import train_cli
 
-cli()
+train_cli()

@@ -27,6 +27,7 @@ caption key, a wrong image column): the run stops with the error instead of skip
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import itertools
 import json
@@ -146,18 +147,34 @@ class SyntheticSource:
 
 
 class CsvSource:
-    """Map-style: rows of a CSV (``,``) or TSV (``.tsv``: tab) file with an image path and a caption column."""
+    """Map-style: rows of a CSV (``,``) or TSV (``.tsv``: tab) file with an image path and a caption column.
+
+    The file is read once, up front; a malformed row (too few fields, bytes that are not UTF-8, a quoting
+    error) is kept as a placeholder that fails when loaded, so that it is skipped and counted like any other
+    corrupt sample rather than stopping the run. A header without the configured columns is a schema error.
+    """
 
     def __init__(self, path: str, image_key: str, caption_key: str):
         self.root = os.path.dirname(os.path.abspath(path))
         delimiter = "\t" if path.endswith((".tsv", ".tsv.gz")) else ","
-        with open(path, newline="", encoding="utf-8") as f:
+        opener = gzip.open if path.endswith(".gz") else open
+        # surrogateescape: a non-UTF-8 byte becomes a marker character instead of an exception for the file.
+        with opener(path, "rt", newline="", encoding="utf-8", errors="surrogateescape") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
             header = reader.fieldnames or []
             for key, what in ((image_key, "csv_image_key"), (caption_key, "csv_caption_key")):
                 if key not in header:  # a schema error: fail before any worker starts
                     raise DataSchemaError(f"{path}: no column {key!r} ({what}); the columns are {header}")
-            self.rows = [(row[image_key], row[caption_key]) for row in reader]
+            self.rows: list[tuple] = []
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as e:
+                    self.rows.append((None, None, f"line {reader.line_num}: {e}"))
+                    continue
+                self.rows.append((row.get(image_key), row.get(caption_key), f"line {reader.line_num}"))
         if not self.rows:
             raise DataSchemaError(f"{path}: no rows")
 
@@ -165,8 +182,12 @@ class CsvSource:
         return len(self.rows)
 
     def load(self, index: int, rng: np.random.Generator):
-        path, caption = self.rows[index]
-        if not caption or not caption.strip():
+        path, caption, where = self.rows[index]
+        if path is None or caption is None:  # DictReader fills the fields a short row lacks with None
+            raise CorruptSample(f"row {index} ({where}): malformed (too few fields or a quoting error)")
+        if _has_undecodable(path) or _has_undecodable(caption):
+            raise CorruptSample(f"row {index} ({where}): not UTF-8")
+        if not caption.strip():
             raise CorruptSample(f"row {index}: empty caption")
         path = path if os.path.isabs(path) else os.path.join(self.root, path)
         try:
@@ -177,6 +198,11 @@ class CsvSource:
         return decode_image(data), [caption]
 
 
+def _has_undecodable(text: str) -> bool:
+    """Whether surrogateescape decoding met a byte that is not UTF-8 (it maps them to U+DC80..U+DCFF)."""
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
 @dataclass
 class TarSample:
     key: str
@@ -185,10 +211,15 @@ class TarSample:
 
 def index_tar(path: str) -> tuple[list[TarSample], bool]:
     """The samples of one tar (members grouped by key = basename up to its first dot, WebDataset's rule) and
-    whether the tar was complete. A truncated tar keeps the samples indexed before the damage."""
-    samples, complete = [], True
+    whether the tar was complete. A truncated tar keeps the samples indexed before the damage.
+
+    A tar ends with two zero 512-byte blocks. Python's tarfile treats a file that simply stops at a header
+    or member boundary as a normal end, so a shard cut there (an interrupted copy, a full disk) would look
+    complete; the end-of-archive marker is therefore checked here explicitly.
+    """
+    samples = []
     try:
-        with tarfile.open(path, "r:") as tar:
+        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
             current = None
             for info in tar:
                 if not info.isfile():
@@ -202,10 +233,15 @@ def index_tar(path: str) -> tuple[list[TarSample], bool]:
                     current = TarSample(key, {})
                     samples.append(current)
                 current.members[ext.lower()] = info
+            # tar.offset is where the end-of-archive header was looked for.
+            raw.seek(tar.offset)
+            marker = raw.read(2 * tarfile.BLOCKSIZE)
+        complete = len(marker) == 2 * tarfile.BLOCKSIZE and not any(marker)
     except (tarfile.ReadError, EOFError, OSError):
-        # The damage may have cut the last indexed sample (a member's data or a whole member): drop it. The
-        # caller counts the truncated tar as one skipped sample.
         complete = False
+    if not complete:
+        # The damage may have cut the last indexed sample (a member's data or a whole member): drop it. The
+        # caller counts the truncated tar as one skipped sample and reports the shard.
         samples = samples[:-1]
     return samples, complete
 
@@ -360,6 +396,7 @@ class BatchStream(IterableDataset):
             raise ValueError(f"rank {spec.rank} worker {worker} has no shard: {len(spec.source)} shards for "
                              f"{spec.world_size} ranks x {self.num_workers} workers; use fewer workers or more shards")
         epoch, shard_pos, sample_pos = state.get("epoch", 0), state.get("shard", 0), state.get("sample", 0)
+        state["truncated"] = list(state.get("truncated", []))
         failures = {"since_success": 0, "any_success": False}
         images, captions, produced = [], [], state.get("produced", 0)
         while True:
@@ -370,6 +407,8 @@ class BatchStream(IterableDataset):
                 samples, complete = index_tar(path)
                 if not complete and sample_pos == 0:
                     state["skipped"] += 1  # the truncated tail of the tar counts as one corrupt sample
+                    if path not in state["truncated"]:
+                        state["truncated"].append(path)  # reported once by the loop (DataPosition.update)
                 sample_order = (np.random.default_rng([spec.seed, 19, epoch, int(shard_order[shard_pos])]).permutation(len(samples))
                                 if spec.shuffle else np.arange(len(samples)))
                 with open(path, "rb") as handle:
@@ -388,7 +427,8 @@ class BatchStream(IterableDataset):
                             continue
                         if len(images) == spec.local_batch:
                             position = {"worker": worker, "epoch": epoch, "shard": shard_pos, "sample": sample_pos,
-                                        "skipped": state["skipped"], "produced": produced + 1}
+                                        "skipped": state["skipped"], "produced": produced + 1,
+                                        "truncated": list(state["truncated"])}
                             rng = np.random.default_rng([spec.seed, 29, spec.rank, worker, produced])
                             yield spec.collate(torch.stack(images), captions, rng), position
                             produced += 1
@@ -423,13 +463,20 @@ class DataPosition:
         self.batches = state.get("batches", 0)
         self.per_worker = {int(k): v for k, v in state.get("per_worker", {}).items()}
 
-    def update(self, position: dict) -> None:
+    def update(self, position: dict) -> list[str]:
+        """Record a consumed batch's position; returns the shards first found truncated with it."""
+        known = self.truncated_shards
         self.batches += 1
         self.per_worker[position["worker"]] = position
+        return [p for p in position.get("truncated", ()) if p not in known]
 
     @property
     def skipped(self) -> int:
         return sum(p.get("skipped", 0) for p in self.per_worker.values())
+
+    @property
+    def truncated_shards(self) -> set[str]:
+        return {path for p in self.per_worker.values() for path in p.get("truncated", ())}
 
     def state_dict(self) -> dict:
         return {"batches": self.batches, "workers": self.workers, "per_worker": dict(self.per_worker)}

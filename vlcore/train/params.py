@@ -11,10 +11,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
+
+import torch
+
+from vlcore.nvfp4 import NVFP4Policy, NVFP4Recipe
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -33,7 +38,7 @@ class TrainConfig:
     pool: Optional[str] = None  # vision pooling override: "tok" (class token) or "avg"
     tokenizer: Optional[str] = None  # text_cfg.tokenizer override: "byte" or the path of CLIP's bpe_simple_vocab_16e6.txt.gz
     loss: str = "clip"  # contrastive loss of CLIP models: "clip" (InfoNCE) or "siglip"
-    nvfp4: Optional[str] = None  # vlcore.nvfp4.convert policy name; None keeps full-precision matmuls
+    nvfp4: Optional[str] = None  # NVFP4 matmuls: default, all-blocks, no-rht, no-stochastic-rounding, 1d-weights or a JSON NVFP4Policy; none: full precision
     grad_checkpointing: bool = False  # recompute transformer blocks in backward: less memory, ~1/3 more compute
     compile: bool = False  # torch.compile the model
     # --- data --------------------------------------------------------------------------------------------
@@ -63,7 +68,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.98  # open_clip's default for ViTs
     eps: float = 1e-6
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    grad_clip: float = 1.0  # max global grad norm (finite, > 0); 0 turns clipping off
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; or "bf16" / "fp32"
     seed: int = 0
     # --- evaluation, logging, checkpoints ----------------------------------------------------------------
@@ -73,7 +78,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints (0: only at the end and on Ctrl-C)
     keep_checkpoints: int = 2  # the last K checkpoints are kept
     resume: str = "auto"  # "auto": continue from the latest checkpoint in out_dir if any; "none"; or a checkpoint path
-    progress: bool = True  # tqdm progress bar (rank 0)
+    progress: Optional[bool] = None  # tqdm bar (rank 0): none = only when stderr is a terminal; true/false force it
     tensorboard: bool = True  # also write TensorBoard event files
     plot: bool = True  # loss / retrieval PNG at the end
     device: str = "auto"  # "auto": cuda when available, else cpu
@@ -83,7 +88,8 @@ class TrainConfig:
     synthetic_benchmark: bool = False  # throughput only: random tensors instead of data, no eval or checkpoints
 
     def check(self) -> None:
-        """Cross-field checks that need no distributed context."""
+        """Every field's range and the cross-field rules that need no distributed context. Each error names
+        the field: a bad value must fail here, before any work, not as NaN losses or a traceback later."""
         choices = {"impl": ("vlcore", "torch"), "loss": ("clip", "siglip"), "data": ("synthetic", "wds", "csv"),
                    "precision": ("auto", "bf16", "fp32"), "pool": (None, "tok", "avg"),
                    "val_data_type": (None, "wds", "csv")}
@@ -95,14 +101,69 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config field '{name}': must be positive, got {getattr(self, name)}")
-        for name in ("workers", "cpu_threads", "warmup_steps", "eval_every", "checkpoint_every", "weight_decay", "grad_clip", "lr"):
+        for name in ("workers", "cpu_threads", "warmup_steps", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config field '{name}': must be >= 0, got {getattr(self, name)}")
+        # Floats: NaN compares false with everything, so each range is written as what is allowed.
+        _check_float("lr", self.lr, "a finite number > 0", lambda v: v > 0)
+        _check_float("weight_decay", self.weight_decay, "a finite number >= 0", lambda v: v >= 0)
+        _check_float("grad_clip", self.grad_clip, "a finite number > 0, or 0 to turn clipping off", lambda v: v >= 0)
+        _check_float("min_lr_ratio", self.min_lr_ratio, "in [0, 1]", lambda v: 0 <= v <= 1)
+        _check_float("beta1", self.beta1, "in [0, 1)", lambda v: 0 <= v < 1)
+        _check_float("beta2", self.beta2, "in [0, 1)", lambda v: 0 <= v < 1)
+        _check_float("eps", self.eps, "a finite number > 0", lambda v: v > 0)
+        if self.nvfp4 is not None:
+            nvfp4_policy(self.nvfp4)  # raises naming the field
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ConfigError(f"config field 'device': expected 'auto', 'cpu', 'cuda' or 'cuda:N', "
+                                  f"got {self.device!r}") from None
         if self.data in ("wds", "csv") and not self.train_data and not self.synthetic_benchmark:
             raise ConfigError(f"config field 'train_data': data={self.data!r} needs a path")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_float(name: str, value: float, allowed: str, ok) -> None:
+    if not math.isfinite(value) or not ok(value):
+        raise ConfigError(f"config field '{name}': must be {allowed}, got {value}")
+
+
+#: ``--nvfp4 NAME``: which layers run their matmuls in NVFP4 (docs/nvfp4.md). ``default`` is the paper's
+#: recipe: every transformer block's linear layers except each tower's last 15 % of blocks, which stay in
+#: high precision because they are the most sensitive to 4-bit. The others are the usual ablations.
+NVFP4_POLICIES = {
+    "default": (NVFP4Policy(), "the paper's recipe; each tower's last 15 % of blocks stay high precision"),
+    "all-blocks": (NVFP4Policy(keep_last_fraction=0.0), "every block's linear layers in NVFP4"),
+    "no-rht": (NVFP4Policy(recipe=NVFP4Recipe(rht=False)), "default without the random Hadamard transform"),
+    "no-stochastic-rounding": (NVFP4Policy(recipe=NVFP4Recipe(stochastic_rounding=False)),
+                               "default with round-to-nearest gradients"),
+    "1d-weights": (NVFP4Policy(recipe=NVFP4Recipe(block_2d_weights=False)), "default with 1x16 weight blocks"),
+}
+
+
+def nvfp4_policy(value: str) -> NVFP4Policy:
+    """The policy named ``value``, or one written as JSON: ``{"keep_last_fraction": 0.25,
+    "keep_first_blocks": 1, "recipe": {"rht": false}}`` (fields of NVFP4Policy and NVFP4Recipe)."""
+    if value in NVFP4_POLICIES:
+        return NVFP4_POLICIES[value][0]
+    usage = f"one of {list(NVFP4_POLICIES)} or a JSON object of NVFP4Policy fields"
+    if not value.lstrip().startswith("{"):
+        raise ConfigError(f"config field 'nvfp4': expected {usage}, got {value!r}")
+    try:
+        fields = json.loads(value)
+        recipe = NVFP4Recipe(**fields.pop("recipe", {}))
+        policy = NVFP4Policy(recipe=recipe, **fields)
+        in_range = 0.0 <= policy.keep_last_fraction <= 1.0 and policy.keep_first_blocks >= 0
+    except (json.JSONDecodeError, TypeError, AttributeError) as e:
+        raise ConfigError(f"config field 'nvfp4': expected {usage}, got {value!r} ({e})") from None
+    if not in_range:
+        raise ConfigError(f"config field 'nvfp4': keep_last_fraction must be in [0, 1] and keep_first_blocks "
+                          f">= 0, got {value!r}")
+    return policy
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -126,7 +187,7 @@ def parse_value(name: str, raw):
     hint = _HINTS[name]
     optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
     base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
-    if optional and (raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null"))):
+    if optional and (raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "auto"))):
         return None
     try:
         if base is bool:
@@ -176,6 +237,10 @@ def _read_json(path: Path, what: str) -> dict:
             d = json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{what} {path}: not valid JSON ({e})") from None
+    except OSError as e:  # missing, a directory, unreadable: the file the user named, and why
+        raise ConfigError(f"{what} {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path}: not a UTF-8 text file ({e.reason})") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{what} {path}: expected a JSON object of config fields")
     return d
@@ -216,6 +281,9 @@ def split_argv(argv: Sequence[str]) -> list[tuple[str, Optional[str]]]:
 def load_config(argv: Sequence[str] = ()) -> TrainConfig:
     """Defaults <- ``--preset`` (default: ``default``) <- ``--config FILE`` <- each ``--field value``."""
     pairs = split_argv(argv)
+    for key, value in pairs:
+        if key in ("preset", "config") and value is None:
+            raise ConfigError(f"--{key} needs a value (--{key} {'NAME' if key == 'preset' else 'FILE.json'})")
     preset = next((v for k, v in pairs if k == "preset"), "default")
     cfg = TrainConfig()
     apply(cfg, _read_json(preset_path(preset), "preset"), f"preset {preset!r}")
@@ -227,7 +295,7 @@ def load_config(argv: Sequence[str] = ()) -> TrainConfig:
             continue
         if key not in FIELDS:
             raise _unknown(key)
-        if value is None and _HINTS[key] is not bool:
+        if value is None and _HINTS[key] not in (bool, Optional[bool]):  # a bare switch means true
             raise ConfigError(f"config field '{key}': needs a value (--{key.replace('_', '-')} VALUE)")
         setattr(cfg, key, parse_value(key, True if value is None else value))
     cfg.check()
@@ -249,4 +317,7 @@ def help_text() -> str:
     for name, f in FIELDS.items():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"  --{name.replace('_', '-'):<22} {default!r:<24} {comments.get(name, '')}")
+    lines.append("--nvfp4 values (or a JSON object of NVFP4Policy fields, e.g. '{\"keep_last_fraction\": 0.25}'):")
+    for name, (_, what) in NVFP4_POLICIES.items():
+        lines.append(f"  {name:<24} {what}")
     return "\n".join(lines)

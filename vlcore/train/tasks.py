@@ -5,16 +5,16 @@ The collate functions run in the dataloader workers; ``compute_loss`` runs in th
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 
-from functools import lru_cache
-
 from vlcore.models.tokenizer import get_tokenizer as _load_tokenizer
-
-# one tokenizer per process (worker): a BPE vocabulary takes a moment to load
-get_tokenizer = lru_cache(maxsize=None)(_load_tokenizer)
 from vlcore.packing import IGNORE_INDEX, build_packed_batch, padded_waste
+
+# One tokenizer per process (each dataloader worker builds its own): a BPE vocabulary takes a moment to load.
+get_tokenizer = lru_cache(maxsize=None)(_load_tokenizer)
 
 
 class ContrastiveCollate:
@@ -24,6 +24,8 @@ class ContrastiveCollate:
         self.tokenizer, self.context_length, self.train = tokenizer, context_length, train
 
     def __call__(self, images: torch.Tensor, captions: list, rng: np.random.Generator) -> dict:
+        # The caption is drawn with the batch's own generator, never the global one: a resumed run draws
+        # the same captions as an uninterrupted one.
         chosen = [caps[int(rng.integers(len(caps)))] if self.train else caps[0] for caps in captions]
         return {"images": images, "tokens": get_tokenizer(self.tokenizer)(chosen, self.context_length)}
 
@@ -39,6 +41,8 @@ class CaptionCollate:
 
     def __call__(self, images: torch.Tensor, captions: list, rng: np.random.Generator) -> dict:
         tok = get_tokenizer(self.tokenizer)
+        # What is left of the context for the caption after the image placeholders and <eot>; longer
+        # captions are cut (the model cannot attend past its context anyway).
         room = self.context_length - self.num_image_tokens - 1
         samples, lengths = [], []
         for caps in captions:
@@ -46,7 +50,7 @@ class CaptionCollate:
             ids = [self.image_token_id] * self.num_image_tokens + tok.encode(caption)[:room] + [tok.eot_id]
             input_ids = torch.tensor(ids, dtype=torch.long)
             labels = input_ids.clone()
-            labels[: self.num_image_tokens] = IGNORE_INDEX
+            labels[: self.num_image_tokens] = IGNORE_INDEX  # no loss on the image positions: only the caption
             samples.append({"input_ids": input_ids, "labels": labels})
             lengths.append(len(ids))
         packed = build_packed_batch(samples, self.image_token_id)
@@ -62,6 +66,8 @@ def make_collate(model_cfg, train: bool = True):
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors (and packed batches, which have ``.to``) moved to the device; anything else kept as is.
+    ``non_blocking``: with pinned memory the copy overlaps the previous step's work on the GPU."""
     out = {}
     for key, value in batch.items():
         out[key] = value.to(device, non_blocking=True) if hasattr(value, "to") else value
@@ -69,7 +75,8 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def compute_loss(model, kind: str, batch: dict, contrastive_loss) -> torch.Tensor:
-    """The scalar training loss of one (micro-)batch."""
+    """The scalar training loss of one (micro-)batch. CLIP's loss is applied here, on the features, so that
+    GradCache can call the towers and the loss separately; fusion and captioner models compute their own."""
     if kind == "clip":
         out = model(batch["images"], batch["tokens"])
         return contrastive_loss(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"])
