@@ -68,25 +68,32 @@ class Captioner(nn.Module):
         labels[: len(prefix)] = IGNORE_INDEX
         return {"input_ids": input_ids, "labels": labels}
 
-    def forward(self, batch: PackedBatch, images: torch.Tensor) -> dict:
+    def forward(self, batch: PackedBatch, images: torch.Tensor, *, output_hidden_states: bool = False) -> dict:
         """Mean next-token cross-entropy over the packed batch's caption tokens. ``batch.input_ids [T]``
-        holds ``num_image_tokens`` placeholders per image, images in order."""
+        holds ``num_image_tokens`` placeholders per image, images in order. ``output_hidden_states`` adds
+        ``hidden_states``: the LM's states ``[T, width]`` in Hugging Face's convention (the embeddings with the
+        vision rows scattered in, then every block's output, the last one after ``norm_final``), for
+        per-layer probes such as MIR (vlcore/evaluation/mir.py)."""
         vision_rows = self.image_tokens(images).flatten(0, 1)
         if vision_rows.shape[0] != batch.image_positions.shape[0]:
             raise ValueError(f"Captioner: {images.shape[0]} images give {vision_rows.shape[0]} vision tokens but the "
                              f"batch has {batch.image_positions.shape[0]} image placeholders")
         x = self.lm.embed(batch.input_ids, batch.position_ids)
         x = backend.scatter_image_embeds(x, vision_rows.to(x.dtype), batch.image_positions, impl=self.impl)
+        hidden_states = [x]
         for block in self.lm.blocks:
             x = block(x, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)
+            hidden_states.append(x)
         x = self.lm.norm_final(x)
+        hidden_states[-1] = x
+        extra = {"hidden_states": hidden_states} if output_hidden_states else {}
         # Row t predicts labels[t + 1]; each sample's first label is -100, so no row predicts across samples.
         targets = batch.labels[1:]
         taken = targets != IGNORE_INDEX
         logits = self.lm_head(x[:-1][taken])
         if logits.shape[0] == 0:  # a pack with no caption token: a zero that keeps the graph connected
-            return {"loss": 0.0 * x.sum(), "num_targets": taken.sum()}
-        return {"loss": F.cross_entropy(logits.float(), targets[taken]), "num_targets": taken.sum()}
+            return {"loss": 0.0 * x.sum(), "num_targets": taken.sum(), **extra}
+        return {"loss": F.cross_entropy(logits.float(), targets[taken]), "num_targets": taken.sum(), **extra}
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, prompts: Optional[Sequence[Sequence[int]]] = None, *,
