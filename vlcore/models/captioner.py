@@ -31,6 +31,14 @@ class Captioner(nn.Module):
         vision, text, connector = cfg.vision_cfg, cfg.text_cfg, cfg.connector_cfg
         self.impl = cfg.impl
         self.visual = VisionTransformer(vision, None, impl=cfg.impl)
+        # ManagerTower's manager as a connector plug-in: a weighted mix of the top vision layers replaces the
+        # last layer's output (vlcore/models/managertower.py).
+        self.vision_manager = None
+        if connector.manager_layers:
+            from vlcore.models.managertower import LayerManager
+            self.vision_manager = LayerManager(vision.width, connector.manager_layers,
+                                               adaptive=connector.manager == "adaptive", with_previous=False,
+                                               norm_eps=vision.norm_eps)
         # The token reduction (pooling / 2x2 merger) has no parameters; norm and projector stay here.
         self.pooler = TokenPooler(connector.kind, output_hw=connector.output_hw, impl=cfg.impl)
         merged_width = self.pooler.channels_out(vision.width)
@@ -52,7 +60,15 @@ class Captioner(nn.Module):
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """``[N_img, 3, H, W] -> [N_img, num_image_tokens, lm width]``."""
         vision, connector = self.config.vision_cfg, self.config.connector_cfg
-        tokens, _ = self.visual.forward_tokens(images)
+        if self.vision_manager is None:
+            tokens, _ = self.visual.forward_tokens(images)
+        else:
+            x, top = self.visual.embed(images), []
+            for i, block in enumerate(self.visual.blocks):
+                x = block(x)
+                if i >= len(self.visual.blocks) - connector.manager_layers:
+                    top.append(x)
+            tokens = self.vision_manager(torch.stack(top))  # each layer gets the manager's own LayerNorm
         tokens = tokens[:, int(vision.class_token):]  # the connector works on the patch grid
         tokens = self.pooler(tokens, (vision.grid_size, vision.grid_size))
         if self.merge_norm is not None:
