@@ -222,7 +222,7 @@ def test_adapters_start_as_the_base_model():
         torch.testing.assert_close(_clip_out(model, images, tokens), before, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["clip-tiny", "fiber-tiny", "bridgetower-tiny", "captioner-tiny"])
+@pytest.mark.parametrize("name", ["clip-tiny", "fiber-tiny", "bridgetower-tiny", "managertower-tiny", "captioner-tiny"])
 @pytest.mark.parametrize("method", ["lora", "adapter", "vl_pet"])
 def test_every_model_kind_trains_only_its_tuned_parameters(name, method):
     model = create_model(name, impl="vlcore")
