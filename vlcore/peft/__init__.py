@@ -6,7 +6,7 @@ blocks (CLIP towers, FIBER / BridgeTower / ManagerTower fusion, the captioner).
 from vlcore.peft import apply_peft, save_peft, load_peft, merge_lora
 
 report = apply_peft(model, "lora", rank=8, alpha=16)        # base frozen, LoRA on attention and MLP linears
-print(report)                                               # lora: 24,576 of 1,234,567 parameters trainable (...)
+print(report)                                               # trainable / total parameters, modules modified
 ...train...
 save_peft(model, "tuned.safetensors")                       # only the tuned parameters, plus the config
 load_peft(fresh_base_model, "tuned.safetensors")            # applies the method, then loads
