@@ -257,5 +257,9 @@ def test_bad_configurations_raise():
         apply_peft(model, "adapter")
     with pytest.raises(ValueError, match="no vlcore transformer block"):
         apply_peft(torch.nn.Linear(3, 3), "lora")
+    with pytest.raises(ValueError, match="lora_targets"):
+        apply_peft(create_model("clip-tiny", impl="torch"), "lora", lora_targets=("attn.qkvv",))
+    with pytest.raises(ValueError, match="trainable patterns"):
+        apply_peft(create_model("clip-tiny", impl="torch"), "adapter", trainable=("itm_head",))
     with pytest.raises(ValueError, match="no LoRA"):
         merge_lora(create_model("clip-tiny", impl="torch"))

@@ -164,7 +164,13 @@ def apply_peft(model: nn.Module, config: Union[PeftConfig, dict, str], **options
         raise ValueError("apply_peft: the model is already tuned; merge or rebuild it first")
     if not _blocks(model):
         raise ValueError("apply_peft: the model has no vlcore transformer block to tune")
+    names = [name for name, _ in model.named_parameters()]
+    unmatched = [s for s in config.trainable if not any(s in name for name in names)]
+    if unmatched:
+        raise ValueError(f"apply_peft: trainable patterns {unmatched} match no parameter of the model")
     added = _apply_lora(model, config) if config.method == "lora" else _apply_adapters(model, config)
+    if not added:
+        raise ValueError(f"apply_peft: lora_targets {list(config.lora_targets)} match no linear layer of a block")
     model.requires_grad_(False)
     for module in added:
         module.requires_grad_(True)
