@@ -13,6 +13,8 @@ from vlcore.models.managertower import LayerManager, ManagerTowerModel
 from vlcore.models.tokenizer import ByteTokenizer
 from vlcore.packing import build_packed_batch
 
+from ..conftest import DEVICES
+
 TOK = ByteTokenizer()
 CAPTIONS = ["a red square", "two blue dots", "x", "a green line on grey", "nothing"]
 WORDS = ["red", "green", "blue", "square", "circle", "dot", "line", "big", "small", "two"]
@@ -127,19 +129,29 @@ def _batch(model, n=4, seed=0):
     return torch.randn(n, 3, model.image_size, model.image_size, generator=g), TOK(CAPTIONS[:n], model.context_length)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("manager", ["adaptive", "static"])
-def test_preset_builds_and_every_parameter_gets_a_gradient(manager):
-    model = create_model("managertower-tiny", fusion_cfg={"manager": manager})
+def test_preset_builds_and_every_parameter_gets_a_gradient(manager, device):
+    model = create_model("managertower-tiny", fusion_cfg={"manager": manager}).to(device)
     assert isinstance(model, ManagerTowerModel)
     assert model.num_fused == 3 and len(model.image_cross.managers) == 2
     kinds = [m.adaptive for m in model.text_cross.managers]
     assert kinds == ([False, True] if manager == "adaptive" else [False, False])  # layer 0 is always static
     images, tokens = _batch(model)
-    out = model(images, tokens)
+    out = model(images.to(device), tokens.to(device))
     assert set(out) == {"itc", "itm", "mlm", "loss"} and torch.isfinite(out["loss"])
     out["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, missing
+
+
+def _train_step(model, optimizer, images, tokens) -> float:
+    loss = model(images, tokens)["loss"]
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    model.clamp_logit_scale()
+    return loss.item()
 
 
 def test_a_few_steps_reduce_the_loss():
@@ -150,12 +162,7 @@ def test_a_few_steps_reduce_the_loss():
     losses = []
     for _ in range(6):
         torch.manual_seed(1)  # same negatives, masks and manager noise each step: a fixed objective
-        loss = model(images, tokens)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        model.clamp_logit_scale()
-        losses.append(loss.item())
+        losses.append(_train_step(model, optimizer, images, tokens))
     assert losses[-1] < 0.8 * losses[0], losses
 
 
@@ -190,12 +197,7 @@ def test_vlcore_and_torch_impls_train_alike():
             images = torch.randn(4, 3, model.image_size, model.image_size, generator=g)
             words = torch.randint(len(WORDS), (4, 3), generator=g).tolist()
             tokens = TOK([" ".join(WORDS[i] for i in row) for row in words], model.context_length)
-            loss = model(images, tokens)["loss"]
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            model.clamp_logit_scale()
-            losses.append(loss.item())
+            losses.append(_train_step(model, optimizer, images, tokens))
         return losses
 
     reference, candidate = train("torch"), train("vlcore")

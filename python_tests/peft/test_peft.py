@@ -15,6 +15,8 @@ from vlcore.packing import build_packed_batch
 from vlcore.peft import PeftConfig, apply_peft, load_peft, merge_lora, peft_report, save_peft, set_active_task
 from vlcore.peft.adapters import GranularityGate, SublayerModification, TaskAdapter, modify_sublayer
 
+from ..conftest import DEVICES
+
 TOK = ByteTokenizer()
 CAPTIONS = ["a red square", "two blue dots", "x", "a green line on grey"]
 
@@ -34,14 +36,15 @@ def _perturb(model, std=0.05):
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(std * torch.randn(p.shape, generator=g, dtype=p.dtype))
+                p.add_(std * torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device))
 
 
-def test_lora_starts_as_the_base_and_merges_to_the_unmerged_forward():
-    model = create_model("clip-tiny", impl="torch").double()
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_starts_as_the_base_and_merges_to_the_unmerged_forward(device):
+    model = create_model("clip-tiny", impl="torch").double().to(device)
     base_keys = set(model.state_dict())
     images, tokens = _clip_inputs(model)
-    images = images.double()
+    images, tokens = images.double().to(device), tokens.to(device)
     with torch.no_grad():
         before = _clip_out(model, images, tokens)
         apply_peft(model, "lora", rank=4, alpha=8.0)

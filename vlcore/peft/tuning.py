@@ -8,13 +8,14 @@ store only the tuned parameters (safetensors, with the method's configuration in
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
+from vlcore.models.config import _sub_from_dict
 from vlcore.nn.transformer import Block
 from vlcore.peft.adapters import (GRANULARITIES, SHARING, GranularityGate, SublayerModification, TaskAdapter,
                                   add_value_adapter, modify_sublayer)
@@ -82,11 +83,7 @@ class PeftConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PeftConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"PeftConfig: unknown keys {sorted(unknown)}")
-        return cls(**d)
+        return _sub_from_dict(cls, d, "PeftConfig")
 
 
 @dataclass
