@@ -31,6 +31,14 @@ class Captioner(nn.Module):
         vision, text, connector = cfg.vision_cfg, cfg.text_cfg, cfg.connector_cfg
         self.impl = cfg.impl
         self.visual = VisionTransformer(vision, None, impl=cfg.impl)
+        # ManagerTower's manager as a connector plug-in: a weighted mix of the top vision layers replaces the
+        # last layer's output (vlcore/models/managertower.py).
+        self.vision_manager = None
+        if connector.manager_layers:
+            from vlcore.models.managertower import LayerManager
+            self.vision_manager = LayerManager(vision.width, connector.manager_layers,
+                                               adaptive=connector.manager == "adaptive", with_previous=False,
+                                               norm_eps=vision.norm_eps)
         # The token reduction (pooling / 2x2 merger) has no parameters; norm and projector stay here.
         self.pooler = TokenPooler(connector.kind, output_hw=connector.output_hw, impl=cfg.impl)
         merged_width = self.pooler.channels_out(vision.width)
@@ -52,7 +60,15 @@ class Captioner(nn.Module):
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """``[N_img, 3, H, W] -> [N_img, num_image_tokens, lm width]``."""
         vision, connector = self.config.vision_cfg, self.config.connector_cfg
-        tokens, _ = self.visual.forward_tokens(images)
+        if self.vision_manager is None:
+            tokens, _ = self.visual.forward_tokens(images)
+        else:
+            x, top = self.visual.embed(images), []
+            for i, block in enumerate(self.visual.blocks):
+                x = block(x)
+                if i >= len(self.visual.blocks) - connector.manager_layers:
+                    top.append(x)
+            tokens = self.vision_manager(torch.stack(top))  # each layer gets the manager's own LayerNorm
         tokens = tokens[:, int(vision.class_token):]  # the connector works on the patch grid
         tokens = self.pooler(tokens, (vision.grid_size, vision.grid_size))
         if self.merge_norm is not None:
@@ -68,25 +84,32 @@ class Captioner(nn.Module):
         labels[: len(prefix)] = IGNORE_INDEX
         return {"input_ids": input_ids, "labels": labels}
 
-    def forward(self, batch: PackedBatch, images: torch.Tensor) -> dict:
+    def forward(self, batch: PackedBatch, images: torch.Tensor, *, output_hidden_states: bool = False) -> dict:
         """Mean next-token cross-entropy over the packed batch's caption tokens. ``batch.input_ids [T]``
-        holds ``num_image_tokens`` placeholders per image, images in order."""
+        holds ``num_image_tokens`` placeholders per image, images in order. ``output_hidden_states`` adds
+        ``hidden_states``: the LM's states ``[T, width]`` in Hugging Face's convention (the embeddings with the
+        vision rows scattered in, then every block's output, the last one after ``norm_final``), for
+        per-layer probes such as MIR (vlcore/evaluation/mir.py)."""
         vision_rows = self.image_tokens(images).flatten(0, 1)
         if vision_rows.shape[0] != batch.image_positions.shape[0]:
             raise ValueError(f"Captioner: {images.shape[0]} images give {vision_rows.shape[0]} vision tokens but the "
                              f"batch has {batch.image_positions.shape[0]} image placeholders")
         x = self.lm.embed(batch.input_ids, batch.position_ids)
         x = backend.scatter_image_embeds(x, vision_rows.to(x.dtype), batch.image_positions, impl=self.impl)
+        hidden_states = [x]
         for block in self.lm.blocks:
             x = block(x, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)
+            hidden_states.append(x)
         x = self.lm.norm_final(x)
+        hidden_states[-1] = x
+        extra = {"hidden_states": hidden_states} if output_hidden_states else {}
         # Row t predicts labels[t + 1]; each sample's first label is -100, so no row predicts across samples.
         targets = batch.labels[1:]
         taken = targets != IGNORE_INDEX
         logits = self.lm_head(x[:-1][taken])
         if logits.shape[0] == 0:  # a pack with no caption token: a zero that keeps the graph connected
-            return {"loss": 0.0 * x.sum(), "num_targets": taken.sum()}
-        return {"loss": F.cross_entropy(logits.float(), targets[taken]), "num_targets": taken.sum()}
+            return {"loss": 0.0 * x.sum(), "num_targets": taken.sum(), **extra}
+        return {"loss": F.cross_entropy(logits.float(), targets[taken]), "num_targets": taken.sum(), **extra}
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, prompts: Optional[Sequence[Sequence[int]]] = None, *,

@@ -100,10 +100,16 @@ class TextConfig:
         _check_choice(where, "pool", self.pool, ("argmax", "first", "none"))
 
 
+MANAGER_KINDS = ("adaptive", "static")
+
+
 @dataclass
 class FusionConfig:
-    layers: int = 6  # FIBER: top blocks of each tower with cross-attention; BridgeTower: cross-modal layers
-    variant: str = "fiber"  # "fiber": fusion in the backbone; "bridgetower": a cross-modal encoder fed by bridges
+    layers: int = 6  # FIBER: top blocks of each tower with cross-attention; BridgeTower / ManagerTower: cross-modal layers
+    variant: str = "fiber"  # "fiber": fusion in the backbone; "bridgetower": a cross-modal encoder fed by bridges;
+    #                         "managertower": fed by managers that aggregate several unimodal layers
+    managed_layers: int = 0  # ManagerTower: top layers of each tower that every manager sees (0: all of the shorter tower)
+    manager: str = "adaptive"  # ManagerTower: "adaptive" (AAUE, the paper's best) or "static" (SAUE) managers
     mlm_probability: float = 0.15
     itm_hard_negatives: bool = True  # sample ITM negatives from the ITC similarities (else uniformly)
     mask_token_id: int = 257  # ByteTokenizer's <mask>; give the BPE vocabulary an extra id for it
@@ -111,7 +117,11 @@ class FusionConfig:
 
     def check(self, vision: VisionConfig, text: TextConfig) -> None:
         where = "FusionConfig"
-        _check_choice(where, "variant", self.variant, ("fiber", "bridgetower"))
+        _check_choice(where, "variant", self.variant, ("fiber", "bridgetower", "managertower"))
+        _check_choice(where, "manager", self.manager, MANAGER_KINDS)
+        if not 0 <= self.managed_layers <= min(vision.layers, text.layers):
+            raise ValueError(f"{where}: managed_layers ({self.managed_layers}) must be in [0, min(vision layers "
+                             f"{vision.layers}, text layers {text.layers})]")
         if not 0 < self.layers <= min(vision.layers, text.layers):
             raise ValueError(f"{where}: fusion layers ({self.layers}) must be in [1, min(vision layers "
                              f"{vision.layers}, text layers {text.layers})]")
@@ -130,10 +140,17 @@ class ConnectorConfig:
     kind: str = "avg_pool"  # "avg_pool" (Open-Qwen2VL), "bilinear" (LLaVA-OneVision), "merge_2x2" (Qwen2-VL), "none"
     output_hw: Optional[list] = None  # pooled grid for avg_pool / bilinear, e.g. [12, 12]
     image_token_id: int = 258  # the placeholder id that vision tokens replace (ByteTokenizer's <image>)
+    manager_layers: int = 0  # > 0: a ManagerTower manager aggregates the top N vision layers before pooling
+    manager: str = "static"  # "static" (learned layer weights) or "adaptive" (per-token weights from the top layer)
 
     def check(self, vision: VisionConfig) -> None:
         where = "ConnectorConfig"
         _check_choice(where, "kind", self.kind, ("avg_pool", "bilinear", "merge_2x2", "none"))
+        _check_choice(where, "manager", self.manager, MANAGER_KINDS)
+        if not 0 <= self.manager_layers <= vision.layers:
+            raise ValueError(f"{where}: manager_layers ({self.manager_layers}) must be in [0, vision layers {vision.layers}]")
+        if self.manager_layers and vision.tome_r:
+            raise ValueError(f"{where}: a manager aggregates whole layers of tokens, which ToMe merging changes")
         grid = vision.grid_size
         if self.kind in ("avg_pool", "bilinear"):
             if self.output_hw is None or len(self.output_hw) != 2 or not all(0 < n <= grid for n in self.output_hw):

@@ -44,7 +44,7 @@ def get_model_config(name: str, **overrides) -> ModelConfig:
 
 def create_model(name: str, **overrides) -> nn.Module:
     """Build the model ``name`` with fresh weights: a :class:`~vlcore.models.clip.CLIP`, ``FusionModel`` /
-    ``BridgeTowerModel`` or ``Captioner`` by the config's ``kind``. Raises ``ValueError`` on a bad
+    ``BridgeTowerModel`` / ``ManagerTowerModel`` or ``Captioner`` by the config's ``kind``. Raises ``ValueError`` on a bad
     configuration."""
     cfg = get_model_config(name, **overrides)
     return build_model(cfg)
@@ -60,6 +60,9 @@ def build_model(cfg: ModelConfig, *, itc_loss: Optional[nn.Module] = None) -> nn
         return CLIP(cfg)
     if cfg.kind == "fusion":
         from vlcore.models.fusion import BridgeTowerModel, FusionModel
+        if cfg.fusion_cfg.variant == "managertower":
+            from vlcore.models.managertower import ManagerTowerModel
+            return ManagerTowerModel(cfg, itc_loss)
         model_cls = FusionModel if cfg.fusion_cfg.variant == "fiber" else BridgeTowerModel
         return model_cls(cfg, itc_loss)
     from vlcore.models.captioner import Captioner
