@@ -43,9 +43,31 @@ def test_hf_clip_folder_gives_transformers_features(tmp_path):
     assert report.source == "huggingface" and report.loaded > 0
 
 
-def test_hf_siglip_folder_is_refused_with_the_reason(tmp_path):
-    (tmp_path / "config.json").write_text('{"model_type": "siglip"}')
-    with pytest.raises(ValueError, match="siglip"):
+def test_hf_siglip_folder_gives_transformers_features(tmp_path):
+    transformers = need("transformers")
+    torch.manual_seed(0)
+    config = transformers.SiglipConfig(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=100, max_position_embeddings=16),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8))
+    hf = transformers.SiglipModel(config).eval()
+    hf.save_pretrained(tmp_path)
+    model = from_pretrained_hf(tmp_path, impl="vlcore").eval()
+    assert model.config.vision_cfg.pool == "map" and not model.config.text_cfg.causal
+    images, tokens = torch.randn(3, 3, 32, 32), torch.randint(0, 100, (3, 16))
+    with torch.no_grad():
+        out = hf(pixel_values=images, input_ids=tokens)
+        assert_close(model.encode_image(images), out.image_embeds, what="image features")
+        assert_close(model.encode_text(tokens), out.text_embeds, what="text features")
+        scale, bias = model.logit()
+        logits = scale * model.encode_text(tokens) @ model.encode_image(images).t() + bias
+        assert_close(logits, out.logits_per_text, what="logits")
+
+
+def test_unsupported_hf_model_type_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "blip"}')
+    with pytest.raises(ValueError, match="blip"):
         from_pretrained_hf(tmp_path)
 
 

@@ -1,7 +1,7 @@
-"""Weights in and out of vlcore's CLIP: Hugging Face CLIP folders, open_clip checkpoints, vlcore checkpoints.
+"""Weights in and out of vlcore's CLIP: Hugging Face CLIP / SigLIP folders, open_clip and vlcore checkpoints.
 
 - :func:`load_pretrained` ``(model, path)`` loads into an existing vlcore ``CLIP`` whichever of these ``path`` is:
-  a Hugging Face folder (``config.json`` + ``model.safetensors``, ``model_type`` "clip"), an open_clip
+  a Hugging Face folder (``config.json`` + ``model.safetensors``, ``model_type`` "clip" or "siglip"), an open_clip
   checkpoint (``.safetensors``, or a ``torch.save`` ``.pt``/``.bin``/``.pth`` file, with or without a
   ``"state_dict"`` wrapper and DDP's ``module.`` prefixes), or a vlcore checkpoint directory
   (``model.safetensors`` in vlcore's own names). It returns a :class:`LoadReport`.
@@ -97,6 +97,11 @@ _HF_RENAMES = [  # (Hugging Face pattern, vlcore replacement), applied in order
     (r"^visual_projection\.", "visual.proj."),
     (r"^text_projection\.", "text.proj."),
     (r"^logit_scale$", "logit.logit_scale"),
+    (r"^logit_bias$", "logit.logit_bias"),
+    (r"^text_model\.head\.", "text.proj."),  # SigLIP's text head
+    (r"^vision_model\.head\.attention\.out_proj\.", "visual.head.attn.out."),  # SigLIP's pooling head
+    (r"^vision_model\.head\.layernorm\.", "visual.head.norm."),
+    (r"^vision_model\.head\.", "visual.head."),
     (r"\.layer_norm1\.", ".norm1."),
     (r"\.layer_norm2\.", ".norm2."),
     (r"\.self_attn\.out_proj\.", ".attn.out."),
@@ -112,9 +117,7 @@ def _hf_activation(name: str) -> str:
 def hf_clip_config(config: dict) -> ModelConfig:
     """A Hugging Face ``CLIPConfig`` (the parsed ``config.json``) as vlcore's :class:`ModelConfig`."""
     if config.get("model_type") != "clip":
-        raise ValueError(f"hf_clip_config: model_type {config.get('model_type')!r} is not 'clip' (vlcore maps "
-                         "Hugging Face CLIP checkpoints; SigLIP's pooling head and un-normed patch embedding are not "
-                         "in vlcore's CLIP)")
+        raise ValueError(f"hf_clip_config: model_type {config.get('model_type')!r} is not 'clip'")
     text = {**_HF_TEXT_DEFAULTS, **config.get("text_config", {})}
     vision = {**_HF_VISION_DEFAULTS, **config.get("vision_config", {})}
     return ModelConfig.from_dict(dict(
@@ -130,6 +133,37 @@ def hf_clip_config(config: dict) -> ModelConfig:
                       norm_eps=text["layer_norm_eps"], causal=True, pool="argmax")))
 
 
+_HF_SIGLIP_TEXT_DEFAULTS = dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                num_attention_heads=12, max_position_embeddings=64, hidden_act="gelu_pytorch_tanh",
+                                layer_norm_eps=1e-6, projection_size=None)
+_HF_SIGLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                  image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+                                  vision_use_head=True)
+
+
+def hf_siglip_config(config: dict) -> ModelConfig:
+    """A Hugging Face ``SiglipConfig`` as vlcore's :class:`ModelConfig`: no class token, a biased patch embedding,
+    no pre-LN, the attention-pooling head, a bidirectional text tower read at its last token without a padding
+    mask (transformers' SigLIP is run unmasked, padded to its full length), a biased text head."""
+    text = {**_HF_SIGLIP_TEXT_DEFAULTS, **config.get("text_config", {})}
+    vision = {**_HF_SIGLIP_VISION_DEFAULTS, **config.get("vision_config", {})}
+    embed_dim = text["projection_size"] or text["hidden_size"]
+    if embed_dim != vision["hidden_size"] or not vision["vision_use_head"]:
+        raise ValueError(f"hf_siglip_config: vlcore's CLIP needs both towers' embeddings of one width (text "
+                         f"{embed_dim}, image {vision['hidden_size']}) and the image tower's pooling head")
+    return ModelConfig.from_dict(dict(
+        kind="clip", embed_dim=embed_dim, init_logit_scale=0.0, init_logit_bias=0.0,
+        vision_cfg=dict(image_size=vision["image_size"], patch_size=vision["patch_size"], width=vision["hidden_size"],
+                        layers=vision["num_hidden_layers"], heads=vision["num_attention_heads"],
+                        mlp_ratio=vision["intermediate_size"] / vision["hidden_size"],
+                        act=_hf_activation(vision["hidden_act"]), norm_eps=vision["layer_norm_eps"], pool="map",
+                        class_token=False, patch_bias=True, norm_pre=False),
+        text_cfg=dict(context_length=text["max_position_embeddings"], vocab_size=text["vocab_size"],
+                      width=text["hidden_size"], heads=text["num_attention_heads"], layers=text["num_hidden_layers"],
+                      mlp_ratio=text["intermediate_size"] / text["hidden_size"], act=_hf_activation(text["hidden_act"]),
+                      norm_eps=text["layer_norm_eps"], causal=False, pool="last", pad_id=-1, proj_bias=True)))
+
+
 def convert_hf_clip_state_dict(state_dict: dict) -> tuple[dict, list[str]]:
     """Hugging Face ``CLIPModel`` names -> vlcore ``CLIP``: q/k/v projections concatenated into ``qkv`` (rows
     ``[q; k; v]``). Returns (converted, ignored keys)."""
@@ -137,6 +171,14 @@ def convert_hf_clip_state_dict(state_dict: dict) -> tuple[dict, list[str]]:
     for key, value in state_dict.items():
         if key.endswith("position_ids"):
             ignored.append(key)
+            continue
+        if key in ("logit_scale", "logit_bias"):  # SigLIP stores them as [1], vlcore as scalars
+            value = value.reshape(())
+        head = re.match(r"^vision_model\.head\.attention\.in_proj_(weight|bias)$", key)
+        if head:  # nn.MultiheadAttention's packed [q; k; v] -> vlcore's CrossAttention q and kv ([k; v])
+            width = value.shape[0] // 3
+            converted[f"visual.head.attn.q.{head.group(1)}"] = value[:width]
+            converted[f"visual.head.attn.kv.{head.group(1)}"] = value[width:]
             continue
         for pattern, replacement in _HF_RENAMES:
             key = re.sub(pattern, replacement, key)
@@ -188,14 +230,18 @@ def load_pretrained(model: nn.Module, path: PathLike) -> LoadReport:
         state_dict = _read_tensors(weights)
         config = _hf_config(path)
         if config is not None and "model_type" in config:
-            if config["model_type"] != "clip":
+            if config["model_type"] not in ("clip", "siglip"):
                 raise ValueError(f"load_pretrained: Hugging Face model_type {config['model_type']!r} is not supported "
-                                 "(only 'clip')")
+                                 "(only 'clip' and 'siglip')")
             converted, ignored = convert_hf_clip_state_dict(state_dict)
             report = LoadReport("huggingface", str(path), ignored=ignored)
+            if config["model_type"] == "siglip" and "visual.proj.weight" not in converted:
+                # SigLIP has no image projection; vlcore's tower always ends in one: the identity, exactly
+                converted["visual.proj.weight"] = torch.eye(model.visual.proj.weight.shape[0])
+                report.notes.append("visual.proj set to the identity (SigLIP has no image projection)")
             eos = config.get("text_config", {}).get("eos_token_id", _HF_TEXT_DEFAULTS["eos_token_id"])
             vocab = config.get("text_config", {}).get("vocab_size", _HF_TEXT_DEFAULTS["vocab_size"])
-            if eos not in (2, vocab - 1):
+            if config["model_type"] == "clip" and eos not in (2, vocab - 1):
                 report.notes.append(f"text pooling: transformers pools at the first eos_token_id ({eos}); vlcore at "
                                     "the highest token id, the same only when the eos token has the highest id")
             report.loaded = _load_checked(model, converted, "load_pretrained")
@@ -225,7 +271,9 @@ def from_pretrained_hf(path: PathLike, **overrides) -> nn.Module:
     config = _hf_config(path)
     if config is None:
         raise ValueError(f"from_pretrained_hf: {path} has no config.json")
-    cfg = hf_clip_config(config)
+    if config.get("model_type") not in ("clip", "siglip"):
+        raise ValueError(f"from_pretrained_hf: model_type {config.get('model_type')!r} is not 'clip' or 'siglip'")
+    cfg = hf_clip_config(config) if config["model_type"] == "clip" else hf_siglip_config(config)
     for key, value in overrides.items():
         if not hasattr(cfg, key):
             raise ValueError(f"from_pretrained_hf: unknown ModelConfig field {key!r}")
