@@ -139,3 +139,10 @@ def test_vlcore_checkpoint_dir_and_mismatch(tmp_path):
         load_pretrained(create_model("clip-tiny", embed_dim=32), tmp_path)
     with pytest.raises(FileNotFoundError):
         load_pretrained(model, tmp_path / "absent.pt")
+
+
+def test_export_refuses_what_open_clip_cannot_express(tmp_path):
+    model = create_model("clip-tiny", vision_cfg={"image_size": 32, "patch_size": 8, "width": 64, "layers": 2,
+                                                   "heads": 4, "pool": "map"})
+    with pytest.raises(ValueError, match="open_clip"):
+        export_open_clip(model, tmp_path / "x.safetensors")

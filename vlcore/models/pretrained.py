@@ -333,8 +333,13 @@ def open_clip_config(model: nn.Module) -> dict:
     if vision.act != text.act or vision.act not in ("gelu", "quick_gelu"):
         raise ValueError(f"open_clip_config: open_clip uses one activation, GELU or QuickGELU, for both towers; "
                          f"this model has {vision.act!r} / {text.act!r}")
-    if vision.norm_eps != 1e-5 or text.norm_eps != 1e-5 or not text.causal or text.pool != "argmax":
-        raise ValueError("open_clip_config: open_clip's CLIP has LayerNorm eps 1e-5 and a causal, argmax-pooled text tower")
+    if vision.norm_eps != 1e-5 or text.norm_eps != 1e-5 or not text.causal or text.pool != "argmax" or text.proj_bias:
+        raise ValueError("open_clip_config: open_clip's CLIP has LayerNorm eps 1e-5 and a causal, argmax-pooled text "
+                         "tower with a bias-free projection")
+    if (vision.pool not in ("tok", "avg") or vision.patch_bias or not vision.norm_pre or not vision.class_token
+            or vision.pos_embed != "learned"):
+        raise ValueError("open_clip_config: open_clip's image tower has a class token, learned positions, ln_pre, a "
+                         "bias-free patch embedding and 'tok' or 'avg' pooling")
     out = {"embed_dim": cfg.embed_dim, "quick_gelu": vision.act == "quick_gelu",
            "vision_cfg": {"image_size": vision.image_size, "patch_size": vision.patch_size, "width": vision.width,
                           "layers": vision.layers, "head_width": vision.width // vision.heads, "mlp_ratio": vision.mlp_ratio,
@@ -348,11 +353,9 @@ def open_clip_config(model: nn.Module) -> dict:
 
 def export_open_clip(model: nn.Module, path: PathLike) -> Path:
     """Write ``model`` (a vlcore CLIP) as an open_clip checkpoint: ``.safetensors`` by extension, a ``torch.save``
-    state dict otherwise; returns the path. open_clip's ``CLIP`` has learned positions, a class token and
-    bias-free projections, so only such a vlcore CLIP exports."""
-    vision = model.config.vision_cfg
-    if vision.pos_embed != "learned" or not vision.class_token:
-        raise ValueError("export_open_clip: open_clip's CLIP needs learned positions and a class token")
+    state dict otherwise; returns the path. Only a vlcore CLIP that open_clip's ``CLIP`` can express exports
+    (see :func:`open_clip_config`)."""
+    open_clip_config(model)  # raises when open_clip's CLIP cannot express the model
     path = Path(path)
     state_dict = to_open_clip_state_dict(model)
     if path.suffix == ".safetensors":
