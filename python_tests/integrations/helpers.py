@@ -30,6 +30,21 @@ def assert_close(actual, expected, rtol=1e-5, what="", floor=1e-12):
     assert err <= rtol, f"{what}: relative error {err.item():.3g} > {rtol}"
 
 
+def spy_on_attention(monkeypatch) -> list:
+    """Record the ``causal`` flag of every ``vlcore.ops.attention`` call from now on (the op still runs)."""
+    import vlcore
+
+    calls = []
+    original = vlcore.ops.attention
+
+    def spy(*args, **kwargs):
+        calls.append(bool(kwargs.get("causal")))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(vlcore.ops, "attention", spy)
+    return calls
+
+
 KEY_BIASES = ("k_proj.bias", "ln_k.bias", "k_norm.bias")
 
 
@@ -93,10 +108,10 @@ def reference_attention(q, k, v, size, scale):
     return logits.softmax(dim=-1) @ v
 
 
-def reference_tome_blocks(x, blocks, schedule, qkv_of, attn_out_of, mlp_residual_of, num_heads, class_token=True):
+def reference_tome_blocks(x, blocks, schedule, qkv_of, attn_out_of, mlp_residual_of, class_token=True):
     """Run ``blocks`` with ToMe on ``x [B, N, C]``: ``qkv_of(block, x)`` -> q, k, v ``[B, H, N, D]`` (x already
     normed), ``attn_out_of(block, y [B, N, C])``, ``mlp_residual_of(block, x)`` -> the block's second residual
-    branch; ``norm1`` is ``block``'s first norm passed in ``qkv_of``."""
+    branch (``qkv_of`` applies the block's first norm itself)."""
     size = torch.ones_like(x[..., :1])
     first = True
     for block, r in zip(blocks, schedule):

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from python_tests.integrations.helpers import assert_close, assert_grads_close, need
+from python_tests.integrations.helpers import assert_close, assert_grads_close, need, spy_on_attention
 
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32,
               patch_size=8)
@@ -23,7 +23,8 @@ def tiny_model(kind):
     else:
         config = transformers.SiglipConfig(text_config=TEXT, vision_config=VISION)
         model = transformers.SiglipModel(config)
-    model.set_attn_implementation("sdpa") if hasattr(model, "set_attn_implementation") else None
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("sdpa")  # the reference: transformers' own attention
     return model.eval()
 
 
@@ -64,14 +65,11 @@ def test_patched_model_matches_transformers(kind):
 
 
 def test_patched_clip_calls_vlcore_attention(monkeypatch):
-    import vlcore
     from vlcore.integrations import patch_hf
 
     model = tiny_model("clip")
     patch_hf(model)
-    seen = []
-    original = vlcore.ops.attention
-    monkeypatch.setattr(vlcore.ops, "attention", lambda *a, **k: seen.append(k.get("causal")) or original(*a, **k))
+    seen = spy_on_attention(monkeypatch)
     batch = inputs("clip")
     batch.pop("return_loss")
     model(**batch)

@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from python_tests.integrations.helpers import assert_close, assert_grads_close, need, reference_tome_blocks
+from python_tests.integrations.helpers import (assert_close, assert_grads_close, need, reference_tome_blocks,
+                                               spy_on_attention)
 
 VISION = dict(image_size=32, patch_size=8, width=64, layers=3, head_width=16)
 TEXT = dict(context_length=16, vocab_size=100, width=64, heads=4, layers=2)
@@ -59,14 +60,11 @@ def test_patched_clip_matches_open_clip(vision, text):
 
 
 def test_text_tower_runs_causal_vlcore_attention(monkeypatch):
-    import vlcore
     from vlcore.integrations import patch_open_clip
 
     model = tiny_clip()
     patch_open_clip(model)
-    seen = []
-    original = vlcore.ops.attention
-    monkeypatch.setattr(vlcore.ops, "attention", lambda *a, **k: seen.append(k.get("causal")) or original(*a, **k))
+    seen = spy_on_attention(monkeypatch)
     model.encode_text(tokens())
     model.encode_image(torch.randn(1, 3, 32, 32))
     assert seen == [True, True, False, False, False]
@@ -81,7 +79,7 @@ def _open_clip_reference_tome(visual, images, schedule):
         return (t.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
 
     x = reference_tome_blocks(x, visual.transformer.resblocks, schedule, qkv_of,
-                              lambda b, y: b.ls_1(b.attn.out_proj(y)), lambda b, x: b.ls_2(b.mlp(b.ln_2(x))), 4)
+                              lambda b, y: b.ls_1(b.attn.out_proj(y)), lambda b, x: b.ls_2(b.mlp(b.ln_2(x))))
     pooled, _ = visual._pool(x)
     return pooled @ visual.proj
 

@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from python_tests.integrations.helpers import assert_close, assert_grads_close, need, reference_tome_blocks
+from python_tests.integrations.helpers import (assert_close, assert_grads_close, need, reference_tome_blocks,
+                                               spy_on_attention)
 
 
 def tiny_vit(**kwargs):
-    timm = need("timm")
+    need("timm")
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)
@@ -46,14 +47,11 @@ def test_patched_vit_matches_timm(kwargs):
 
 
 def test_patched_vit_calls_vlcore_attention(monkeypatch):
-    import vlcore
     from vlcore.integrations import patch_timm
 
     model = tiny_vit()
     patch_timm(model)
-    calls = []
-    original = vlcore.ops.attention
-    monkeypatch.setattr(vlcore.ops, "attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    calls = spy_on_attention(monkeypatch)
     model(torch.randn(1, 3, 32, 32))
     assert len(calls) == 3
 
@@ -67,7 +65,7 @@ def _timm_reference_tome(model, images, schedule):
         return a.q_norm(q), a.k_norm(k), v
 
     x = reference_tome_blocks(x, model.blocks, schedule, qkv_of, lambda b, y: b.ls1(b.attn.proj(y)),
-                              lambda b, x: b.ls2(b.mlp(b.norm2(x))), model.blocks[0].attn.num_heads)
+                              lambda b, x: b.ls2(b.mlp(b.norm2(x))))
     return model.forward_head(model.norm(x))
 
 

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import vlcore
 from vlcore.nn.tome import parse_r
@@ -62,6 +63,18 @@ def tome_merge_step(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.
         return x, size
     match = vlcore.ops.tome_match(metric, r, class_token=class_token, distill_token=distill_token)
     return vlcore.ops.tome_merge(x, match, size=size, mode="wavg")
+
+
+def run_tome_blocks(blocks, x: torch.Tensor, schedule: list[int], class_token: bool, checkpointing: bool):
+    """Every block's ``forward_tome`` in turn, threading the token sizes; ``checkpointing`` recomputes each
+    block in backward (the library's gradient checkpointing switch)."""
+    size = None
+    for block, r in zip(blocks, schedule):
+        if checkpointing and torch.is_grad_enabled():
+            x, size = checkpoint(block.forward_tome, x, size, r, class_token, use_reentrant=False)
+        else:
+            x, size = block.forward_tome(x, size, r, class_token)
+    return x
 
 
 def tome_schedule(num_blocks: int, r, num_tokens: int, protected: int, where: str) -> list[int]:

@@ -16,10 +16,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from vlcore.integrations._common import (PatchReport, apply_nvfp4, check_attention_op, dense_attention,
-                                         patched_subclass, size_bias, swap_class, tome_merge_step, tome_schedule)
+                                         patched_subclass, run_tome_blocks, size_bias, swap_class, tome_merge_step,
+                                         tome_schedule)
 
 
 class _VlcoreMultiheadAttention:
@@ -92,12 +92,7 @@ class _VlcoreToMeTransformer:
         if not self.batch_first:
             x = x.transpose(0, 1)
         schedule = tome_schedule(len(self.resblocks), self.tome_r, x.shape[1], 1, "patch_open_clip")
-        size = None
-        for block, r in zip(self.resblocks, schedule):
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x, size = checkpoint(block.forward_tome, x, size, r, True, use_reentrant=False)
-            else:
-                x, size = block.forward_tome(x, size, r, True)
+        x = run_tome_blocks(self.resblocks, x, schedule, True, self.grad_checkpointing)
         return x if self.batch_first else x.transpose(0, 1)
 
 

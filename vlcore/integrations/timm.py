@@ -14,10 +14,10 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from vlcore.integrations._common import (PatchReport, apply_nvfp4, check_attention_op, dense_attention,
-                                         patched_subclass, size_bias, swap_class, tome_merge_step, tome_schedule)
+                                         patched_subclass, run_tome_blocks, size_bias, swap_class, tome_merge_step,
+                                         tome_schedule)
 
 
 class _VlcoreTimmAttention:
@@ -63,13 +63,7 @@ class _VlcoreToMeVisionTransformer:
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         class_token = self.cls_token is not None
         schedule = tome_schedule(len(self.blocks), self.tome_r, x.shape[1], int(class_token), "patch_timm")
-        size = None
-        for block, r in zip(self.blocks, schedule):
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x, size = checkpoint(block.forward_tome, x, size, r, class_token, use_reentrant=False)
-            else:
-                x, size = block.forward_tome(x, size, r, class_token)
-        return self.norm(x)
+        return self.norm(run_tome_blocks(self.blocks, x, schedule, class_token, self.grad_checkpointing))
 
 
 def patch_timm(model: nn.Module, *, tome_r=None, nvfp4=None) -> PatchReport:
