@@ -53,10 +53,13 @@ def register() -> bool:
     """Register ``"vlcore"`` in transformers' attention registries; False when this transformers has none."""
     try:
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError:
         return False
     AttentionInterface.register(IMPLEMENTATION, vlcore_attention_forward)
+    try:  # releases that build masks per implementation (masking_utils); older ones build additive float masks
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return True
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
     return True
 
@@ -77,7 +80,7 @@ def patch_hf(model: nn.Module, *, tome_r=None, nvfp4=None) -> PatchReport:
         raise ValueError("patch_hf: ToMe is not supported for transformers models (it needs the encoder layers' "
                          "forward, not only the attention function); use patch_open_clip / patch_timm")
     if not register():
-        raise RuntimeError("patch_hf: this transformers has no AttentionInterface registry (transformers >= 4.53 has)")
+        raise RuntimeError("patch_hf: this transformers has no AttentionInterface registry (transformers >= 4.48 has)")
     report = PatchReport("transformers")
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(IMPLEMENTATION)
