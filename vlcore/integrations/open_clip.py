@@ -170,7 +170,8 @@ def patch_open_clip(model: nn.Module, *, tome_r=None, nvfp4=None) -> PatchReport
         transformer = visual.transformer if towers and towers[0][0] == "visual.transformer" else None
         if transformer is None:
             raise ValueError("patch_open_clip: tome_r needs open_clip's VisionTransformer image tower")
-        if not all(type(b.attn).__name__.startswith("Vlcore") for b in transformer.resblocks):
+        if not all(isinstance(b.attn, (_VlcoreMultiheadAttention, _VlcoreOpenClipAttention))
+                   for b in transformer.resblocks):
             raise ValueError("patch_open_clip: tome_r needs every image block's attention patched; see the report")
         num_tokens = visual.grid_size[0] * visual.grid_size[1] + 1
         schedule = tome_schedule(len(transformer.resblocks), tome_r, num_tokens, 1, "patch_open_clip")
