@@ -28,8 +28,8 @@ start=$(date +%s)
 test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
 PY="$VENV/bin/python"
 if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
-    # The torch pair from the local wheels (no download of the 2.5 GB of CUDA libraries it depends on
-    # when they lie there too); from the package index otherwise.
+    # The torch pair from the local wheels where they lie (their CUDA dependencies come from the
+    # configured indexes, local ones included); from the package index otherwise.
     local_pair=()
     for spec in "${TORCH_PAIR[@]}"; do
         name="${spec%%==*}"; version="${spec##*==}"
