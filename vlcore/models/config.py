@@ -35,8 +35,10 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     act: str = "gelu"  # "quick_gelu" for OpenAI weights
     norm_eps: float = 1e-5
-    pool: str = "tok"  # "tok": class token, "avg": size-weighted mean of the patch tokens
+    pool: str = "tok"  # "tok": class token, "avg": size-weighted mean of the patch tokens, "map": SigLIP's attention-pooling head
     class_token: bool = True
+    patch_bias: bool = False  # a bias in the patch embedding (SigLIP)
+    norm_pre: bool = True  # LayerNorm before the blocks (CLIP; SigLIP has none)
     pos_embed: str = "learned"  # "learned" (open_clip) or "sincos2d" (fixed 2D sin-cos of the patch's row and column)
     tome_r: TomeR = 0  # ToMe tokens merged per layer: int, per-layer list, or (r, inflect); see parse_r
     # preprocessing for the trainer: normalise RGB in [0, 1] with these (OpenAI CLIP's, open_clip's default)
@@ -51,7 +53,7 @@ class VisionConfig:
         if self.patch_size <= 0 or self.image_size % self.patch_size:
             raise ValueError(f"{where}: patch_size ({self.patch_size}) must divide image_size ({self.image_size})")
         _check_choice(where, "act", self.act, ACTIVATIONS)
-        _check_choice(where, "pool", self.pool, ("tok", "avg"))
+        _check_choice(where, "pool", self.pool, ("tok", "avg", "map"))
         _check_choice(where, "pos_embed", self.pos_embed, ("learned", "sincos2d"))
         if self.pos_embed == "sincos2d" and self.width % 4:
             raise ValueError(f"{where}: pos_embed='sincos2d' needs a width divisible by 4, got {self.width}")
@@ -87,8 +89,9 @@ class TextConfig:
     act: str = "gelu"
     norm_eps: float = 1e-5
     causal: bool = True  # CLIP: causal; BERT/RoBERTa-style (fusion): bidirectional with key padding
-    pool: str = "argmax"  # "argmax": the end-of-text token (highest id, CLIP), "first": CLS, "none"
-    pad_id: int = 0
+    pool: str = "argmax"  # "argmax": the end-of-text token (highest id, CLIP), "first": CLS, "last" (SigLIP), "none"
+    pad_id: int = 0  # bidirectional towers mask keys equal to it (-1: no masking, SigLIP's convention)
+    proj_bias: bool = False  # a bias in the text projection (SigLIP's head)
     tokenizer: str = "clip_bpe"  # "byte" (offline, vlcore.models.tokenizer.ByteTokenizer) or a BPE vocab path
 
     def __post_init__(self):
@@ -97,7 +100,7 @@ class TextConfig:
         if self.layers <= 0 or self.context_length <= 0 or self.vocab_size <= 0:
             raise ValueError(f"{where}: layers, context_length and vocab_size must be positive")
         _check_choice(where, "act", self.act, ACTIVATIONS)
-        _check_choice(where, "pool", self.pool, ("argmax", "first", "none"))
+        _check_choice(where, "pool", self.pool, ("argmax", "first", "last", "none"))
 
 
 MANAGER_KINDS = ("adaptive", "static")

@@ -35,7 +35,7 @@ class TextTransformer(nn.Module):
                   context_dim=context_dim if i >= first_fused else None, impl=impl)
             for i in range(cfg.layers)])
         self.norm_final = nn.LayerNorm(width, eps=cfg.norm_eps)
-        self.proj = nn.Linear(width, embed_dim, bias=False) if embed_dim else None
+        self.proj = nn.Linear(width, embed_dim, bias=cfg.proj_bias) if embed_dim else None
 
     def key_lengths(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
         """int32 ``[B]`` real-token counts for a bidirectional tower (right padding), None for a causal one."""
@@ -60,11 +60,13 @@ class TextTransformer(nn.Module):
         return self.norm_final(x)
 
     def pool(self, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """``[B, L, width] -> [B, width]``: the end-of-text token (highest id, CLIP's argmax) or the first."""
+        """``[B, L, width] -> [B, width]``: the end-of-text token (highest id, CLIP's argmax), the first or the last."""
         if self.cfg.pool == "argmax":
             return states[torch.arange(states.shape[0], device=states.device), tokens.argmax(dim=-1)]
         if self.cfg.pool == "first":
             return states[:, 0]
+        if self.cfg.pool == "last":
+            return states[:, -1]
         raise ValueError("TextTransformer: pool='none' towers have no pooled output")
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from vlcore.models.config import VisionConfig
+from vlcore.nn.attention import CrossAttention
 from vlcore.nn.backend import Impl
-from vlcore.nn.transformer import Block
+from vlcore.nn.transformer import Block, Mlp
 
 
 class VisionTransformer(nn.Module):
@@ -26,7 +27,7 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         width = cfg.width
-        self.patch_embed = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.patch_embed = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
         scale = width ** -0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width)) if cfg.class_token else None
         if cfg.pos_embed == "learned":
@@ -34,13 +35,14 @@ class VisionTransformer(nn.Module):
         else:  # a buffer, not a parameter: nothing to learn, and nothing for the optimizer to decay
             self.register_buffer("positional_embedding", sincos_2d_positions(cfg.grid_size, width, cfg.class_token),
                                  persistent=False)
-        self.norm_pre = nn.LayerNorm(width, eps=cfg.norm_eps)
+        self.norm_pre = nn.LayerNorm(width, eps=cfg.norm_eps) if cfg.norm_pre else nn.Identity()
         first_fused = cfg.layers - fusion_layers
         self.blocks = nn.ModuleList([
             Block(width, cfg.heads, mlp_ratio=cfg.mlp_ratio, act=cfg.act, norm_eps=cfg.norm_eps,
                   context_dim=context_dim if i >= first_fused else None, impl=impl)
             for i in range(cfg.layers)])
         self.norm_post = nn.LayerNorm(width, eps=cfg.norm_eps)
+        self.head = AttentionPoolHead(width, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.norm_eps, impl) if cfg.pool == "map" else None
         self.proj = nn.Linear(width, embed_dim, bias=False) if embed_dim else None
         self.tome_schedule = cfg.tome_schedule
 
@@ -62,9 +64,12 @@ class VisionTransformer(nn.Module):
         return self.norm_post(x), size
 
     def pool(self, tokens: torch.Tensor, size: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``[B, N, width] -> [B, width]``: the class token, or the (size-weighted) mean of the patch tokens."""
+        """``[B, N, width] -> [B, width]``: the class token, the (size-weighted) mean of the patch tokens, or the
+        attention-pooling head's output."""
         if self.cfg.pool == "tok":
             return tokens[:, 0]
+        if self.cfg.pool == "map":
+            return self.head(tokens)
         patches = tokens[:, int(self.cfg.class_token):]
         if size is None:
             return patches.mean(dim=1)
@@ -78,6 +83,22 @@ class VisionTransformer(nn.Module):
         """Pooled, projected (not normalised) image features ``[B, embed_dim]``."""
         tokens, size = self.forward_tokens(images)
         return self.project(self.pool(tokens, size))
+
+
+class AttentionPoolHead(nn.Module):
+    """SigLIP's multihead attention pooling ("MAP"): one learned query attends to every token, then a
+    pre-LN residual MLP: ``a = Attn(probe, x); a + MLP(LN(a))``, ``[B, N, C] -> [B, C]``."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, act: str, norm_eps: float, impl: Impl):
+        super().__init__()
+        self.probe = nn.Parameter(torch.randn(1, 1, width) * width ** -0.5)
+        self.attn = CrossAttention(width, width, heads, impl=impl)
+        self.norm = nn.LayerNorm(width, eps=norm_eps)
+        self.mlp = Mlp(width, int(width * mlp_ratio), act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.attn(self.probe.to(x.dtype).expand(x.shape[0], -1, -1), x)
+        return (a + self.mlp(self.norm(a)))[:, 0]
 
 
 def sincos_2d_positions(grid_size: int, width: int, class_token: bool) -> torch.Tensor:
