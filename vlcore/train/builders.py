@@ -8,7 +8,9 @@ evaluation set. Nothing here trains and nothing here parses a command line: the 
 The order of the setup matters for exact resume and for sharding:
 
 1. the seed, then the model: every rank builds the same initial weights;
-2. the checkpoint's weights go into the plain model on every rank, before any wrapper or shard;
+2. the checkpoint's weights go into the plain model on every rank, before any wrapper or shard (a run
+   that has no checkpoint of its own starts from ``--init-from`` instead; PEFT comes after either, so
+   that its modules exist before a checkpoint that holds them loads);
 3. FSDP shards the model; the optimizer is built over the (possibly sharded) parameters, then its state is
    loaded; the RNG state is restored last, so that nothing in the setup consumes the restored stream.
 """
@@ -31,8 +33,10 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from vlcore.models import build_model as build_model_from_config
 from vlcore.models import get_model_config
 from vlcore.models.losses import ClipLoss, SigLipLoss
+from vlcore.models.pretrained import LoadReport, load_pretrained
 from vlcore.nn.transformer import Block
 from vlcore.nvfp4 import convert
+from vlcore.peft import apply_peft
 from vlcore.train import data as D
 from vlcore.train import fsdp as fsdp_lib
 from vlcore.train import synthetic
@@ -178,12 +182,16 @@ def build_contrastive_loss(cfg: TrainConfig, rank: int, world_size: int) -> torc
 
 
 def build_model(cfg: TrainConfig, contrastive_loss: Optional[torch.nn.Module] = None,
-                notes: Optional[list[str]] = None):
-    """``(model, model_cfg)`` with the config's switches (impl, ToMe, pooling, NVFP4, checkpointing) applied.
+                notes: Optional[list[str]] = None, init_from: Optional[str] = None):
+    """``(model, model_cfg)`` with the config's switches (impl, ToMe, pooling, NVFP4, PEFT, checkpointing)
+    applied.
 
     The model JSON is read once, into ``model_cfg``, and the model is built from that parsed config. A
-    fusion model receives ``contrastive_loss`` as its ITC loss through its constructor. What the switches
-    did (the NVFP4 conversion report) is appended to ``notes`` for the log.
+    fusion model receives ``contrastive_loss`` as its ITC loss through its constructor. ``init_from`` (the
+    run's ``--init-from``, unless it resumes) loads pre-trained weights into the plain model, before PEFT
+    adds its modules: the source has none of them. PEFT is applied here rather than in :func:`build_run`
+    so that every path that rebuilds a run's model (resume, ``vlcore-eval``) gets the same parameter names
+    before it loads a checkpoint. What the switches did is appended to ``notes`` for the log.
     """
     try:
         model_cfg = get_model_config(cfg.model, **model_overrides(cfg))
@@ -194,15 +202,41 @@ def build_model(cfg: TrainConfig, contrastive_loss: Optional[torch.nn.Module] = 
                           "/path/to/bpe_simple_vocab_16e6.txt.gz (shipped in the open_clip wheel; nothing is downloaded)")
     itc_loss = contrastive_loss if model_cfg.kind == "fusion" else None
     model = build_model_from_config(model_cfg, itc_loss=itc_loss)
+    if init_from is not None:
+        report = load_init_weights(model, init_from)
+        if notes is not None:
+            notes.append(f"--init-from: {report}")
     if cfg.nvfp4 is not None:
         # In place: the converted layers share the original parameters (same names in the state dict) and
         # add their stochastic-rounding state as buffers, which checkpoints carry for exact resume.
         report = convert(model, nvfp4_policy(cfg.nvfp4))
         if notes is not None:
             notes.append(f"--nvfp4 {cfg.nvfp4}: {report}")
+    if cfg.peft != "none":
+        # After the weights are in: the base is frozen as loaded, and LoRA / adapters start as the identity.
+        try:
+            report = apply_peft(model, cfg.peft, **cfg.peft_options)
+        except ValueError as e:  # e.g. a trainable pattern or LoRA target this model does not have
+            raise ConfigError(f"config field 'peft_options': {e}") from None
+        if notes is not None:
+            notes.append(f"--peft: {report}")
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(model)
     return model, model_cfg
+
+
+def load_init_weights(model: torch.nn.Module, path: str) -> LoadReport:
+    """``--init-from``: the weights at ``path`` into ``model``. A missing or unreadable path, or weights of
+    another architecture, is the user's error: one line naming the field."""
+    if not os.path.exists(path):
+        raise ConfigError(f"config field 'init_from': {path} does not exist")
+    if os.path.isdir(os.path.join(path, "checkpoints")):  # a run directory: its latest checkpoint
+        path = str(latest_checkpoint(Path(path) / "checkpoints") or path)
+    try:
+        return load_pretrained(model, path)
+    except (ValueError, OSError, RuntimeError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"config field 'init_from': cannot load {path}: {message}") from None
 
 
 def enable_grad_checkpointing(model: torch.nn.Module) -> None:
@@ -326,7 +360,7 @@ def load_weights(checkpoint: Path, model: torch.nn.Module, world_size: int) -> d
     except RuntimeError as e:  # torch lists every mismatched key; the first line says what kind of mismatch
         raise ResumeError(f"{checkpoint} does not fit this model ({str(e).strip().splitlines()[0].rstrip(':')}): "
                           f"it was written with other model settings (--model, --model-overrides, --nvfp4, "
-                          f"--tome-r ...); resume with the same ones, or pass --resume none with a new --out-dir") from None
+                          f"--peft, --peft-options, --tome-r ...); resume with the same ones, or pass --resume none with a new --out-dir") from None
     if state["world_size"] != world_size:
         raise ResumeError(f"{checkpoint} was written by a run with world_size {state['world_size']}; this run "
                           f"has {world_size}. Exact resume needs the same world size (the data order and "
@@ -364,12 +398,17 @@ def build_run(cfg: TrainConfig) -> Run:
 
     seed_everything(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     contrastive_loss = build_contrastive_loss(cfg, rank, world_size)
-    model, model_cfg = build_model(cfg, contrastive_loss, notes)
+    # A run that resumes continues from its own checkpoint: --init-from only seeds the first start.
+    checkpoint = find_resume(cfg)
+    if checkpoint is not None and cfg.init_from is not None:
+        notes.append(f"--init-from {cfg.init_from} ignored: resuming from {checkpoint}, which already holds the "
+                     "fine-tuned weights")
+    init_from = cfg.init_from if checkpoint is None else None
+    model, model_cfg = build_model(cfg, contrastive_loss, notes, init_from=init_from)
     model.to(device)
     check_model_switches(cfg, model_cfg)
 
     start_step, data_state, state = 0, None, None
-    checkpoint = find_resume(cfg)
     if checkpoint is not None:
         state = load_weights(checkpoint, model, world_size)
     use_fsdp = cfg.fsdp and world_size > 1

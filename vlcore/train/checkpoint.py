@@ -1,6 +1,7 @@
 """Checkpoints: ``<out_dir>/checkpoints/step_00000100/{model.safetensors, state.pt}``.
 
-``model.safetensors`` holds the weights (loadable without this package); ``state.pt`` the optimizer,
+``model.safetensors`` holds the weights (loadable without this package), ``peft.safetensors`` (a run with
+``--peft``) the tuned parameters alone; ``state.pt`` the optimizer,
 scheduler, RNG states, data position, step, world size and the config. A checkpoint is written into a
 temporary directory, every file fsync'ed, then renamed into place (an atomic rename on POSIX), so a crash at
 any moment leaves either the previous checkpoints or the complete new one, never a half-written latest.
@@ -30,6 +31,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
+
+from vlcore.peft import save_peft
+from vlcore.peft.tuning import CONFIG_ATTR as PEFT_CONFIG_ATTR
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 LEFTOVER_DIR = re.compile(r"^\.(tmp|old)-(step_\d{8})-\d+$")
@@ -128,6 +132,10 @@ def _write_files(tmp: Path, model: nn.Module, state: dict, model_state: Optional
         save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
     else:
         save_model(unwrap(model), str(tmp / "model.safetensors"))  # handles tied weights (shared storage)
+        if getattr(unwrap(model), PEFT_CONFIG_ATTR, None) is not None:
+            # The tuned parameters alone, with their method: a few MB that vlcore.peft.load_peft applies to
+            # any copy of the base model (model.safetensors above stays the complete model, for resume).
+            save_peft(unwrap(model), tmp / "peft.safetensors")
     # torch.save reports a failed write as a RuntimeError without the errno; serialising to memory first and
     # writing the bytes ourselves turns a full disk into the OSError(ENOSPC) it is.
     buffer = io.BytesIO()

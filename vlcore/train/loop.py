@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 
 from vlcore.models.grad_cache import grad_cache_backward
+from vlcore.peft import peft_report
+from vlcore.peft.tuning import CONFIG_ATTR as PEFT_CONFIG_ATTR
 from vlcore.train import fsdp as fsdp_lib
 from vlcore.train.checkpoint import rng_state, save_checkpoint
 from vlcore.train.logs import plot_curves, report
@@ -362,9 +364,18 @@ def finish(run: Run) -> dict:
         summary["padded_batch_padding_ratio"] = meters.padding_avoided / meters.padding_batches
     if state.checkpoint_path is not None:
         summary["checkpoint"] = str(state.checkpoint_path)
+    summary.update(tuning_summary(run.model))
     if run.is_main:
         write_report(run, summary)
     return summary
+
+
+def tuning_summary(model: torch.nn.Module) -> dict:
+    """A ``--peft`` run's trainable parameters, for the report: the method and the fraction that trained."""
+    if getattr(model, PEFT_CONFIG_ATTR, None) is None:
+        return {}
+    report = peft_report(model)
+    return {"peft": str(report), "trainable_fraction": report.fraction}
 
 
 def write_report(run: Run, summary: dict) -> None:

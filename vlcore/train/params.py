@@ -20,6 +20,8 @@ from typing import Optional, Sequence
 import torch
 
 from vlcore.nvfp4 import NVFP4Policy, NVFP4Recipe
+from vlcore.peft import METHODS as PEFT_METHODS
+from vlcore.peft import PeftConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -41,6 +43,9 @@ class TrainConfig:
     nvfp4: Optional[str] = None  # NVFP4 matmuls: default, all-blocks, no-rht, no-stochastic-rounding, 1d-weights or a JSON NVFP4Policy; none: full precision
     grad_checkpointing: bool = False  # recompute transformer blocks in backward: less memory, ~1/3 more compute
     compile: bool = False  # torch.compile the model
+    init_from: Optional[str] = None  # weights to start from: a vlcore checkpoint (dir or model.safetensors), a Hugging Face CLIP/SigLIP folder or an open_clip file; a resumed run ignores it
+    peft: str = "none"  # parameter-efficient tuning (docs/peft.md): none, lora, adapter or vl_pet; the base is frozen
+    peft_options: dict = field(default_factory=dict)  # PeftConfig fields for --peft, e.g. {"rank": 8, "alpha": 16, "trainable": ["itm_head"]}
     # --- data --------------------------------------------------------------------------------------------
     data: str = "synthetic"  # "synthetic" (embedded shapes), "wds" (WebDataset tars) or "csv" (CSV/TSV)
     train_data: Optional[str] = None  # wds: "/data/shard-{0000..0099}.tar" (brace patterns, "::" joins lists); csv: a file
@@ -92,7 +97,7 @@ class TrainConfig:
         the field: a bad value must fail here, before any work, not as NaN losses or a traceback later."""
         choices = {"impl": ("vlcore", "torch"), "loss": ("clip", "siglip"), "data": ("synthetic", "wds", "csv"),
                    "precision": ("auto", "bf16", "fp32"), "pool": (None, "tok", "avg"),
-                   "val_data_type": (None, "wds", "csv")}
+                   "val_data_type": (None, "wds", "csv"), "peft": ("none",) + PEFT_METHODS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config field '{name}': must be one of {list(allowed)}, got {getattr(self, name)!r}")
@@ -114,6 +119,7 @@ class TrainConfig:
         _check_float("eps", self.eps, "a finite number > 0", lambda v: v > 0)
         if self.nvfp4 is not None:
             nvfp4_policy(self.nvfp4)  # raises naming the field
+        self.check_peft()
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -122,6 +128,22 @@ class TrainConfig:
                                   f"got {self.device!r}") from None
         if self.data in ("wds", "csv") and not self.train_data and not self.synthetic_benchmark:
             raise ConfigError(f"config field 'train_data': data={self.data!r} needs a path")
+
+    def check_peft(self) -> None:
+        """``peft_options`` must be PeftConfig fields; --peft with NVFP4 or FSDP is refused (the frozen base
+        and the hooks have not been tested under either)."""
+        if self.peft == "none":
+            if self.peft_options:
+                raise ConfigError("config field 'peft_options': given without --peft (lora, adapter or vl_pet)")
+            return
+        for other in ("nvfp4", "fsdp"):
+            if getattr(self, other):
+                raise ConfigError(f"config field 'peft': --peft {self.peft} together with --{other} is not supported "
+                                  f"(untested); drop one of them")
+        try:
+            PeftConfig(method=self.peft, **self.peft_options)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config field 'peft_options': {e}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
