@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_model
 
 from vlcore.train import checkpoint as ckpt
 from vlcore.train import cli
-from vlcore.train.params import FIELDS, parse_value
+from vlcore.train.builders import build_model
+from vlcore.train.params import FIELDS, load_config, parse_value
 
 from .helpers import TINY, clean_samples, png_bytes, read_metrics, write_shard
 
@@ -43,7 +45,11 @@ def data_files(tmp_path_factory):
                for key, image, _, _ in clean_samples(16)]
     write_shard(root / "shard-0.tar", samples[:8])
     write_shard(root / "shard-1.tar", samples[8:])
-    return {"csv": str(root / "data.csv"), "wds": str(root / "shard-{0..1}.tar")}
+    # --init-from: the weights of the tiny model the switch runs train (a vlcore model.safetensors)
+    model, _ = build_model(load_config(TINY))
+    save_model(model, str(root / "init.safetensors"))
+    return {"csv": str(root / "data.csv"), "wds": str(root / "shard-{0..1}.tar"),
+            "init": str(root / "init.safetensors")}
 
 
 def _wds(files):
@@ -66,6 +72,9 @@ SWITCHES = {
     "nvfp4": lambda files: ["--nvfp4", "default"],
     "grad_checkpointing": lambda files: ["--grad-checkpointing"],
     "compile": None,  # slow on CPU: test_compile_switch below
+    "init_from": lambda files: ["--init-from", files["init"]],
+    "peft": lambda files: ["--peft", "lora"],
+    "peft_options": lambda files: ["--peft", "vl_pet", "--peft-options", '{"granularity": "small", "reduction": 4}'],
     "data": lambda files: _csv(files),
     "train_data": lambda files: _wds(files),
     "val_data": lambda files: ["--val-data", files["csv"], "--val-data-type", "csv", "--csv-image-key", "img",

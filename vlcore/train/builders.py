@@ -234,7 +234,7 @@ def load_init_weights(model: torch.nn.Module, path: str) -> LoadReport:
         path = str(latest_checkpoint(Path(path) / "checkpoints") or path)
     try:
         return load_pretrained(model, path)
-    except (ValueError, OSError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - safetensors, pickle and torch each raise their own type for a bad file
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"config field 'init_from': cannot load {path}: {message}") from None
 
