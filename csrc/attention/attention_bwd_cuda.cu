@@ -66,10 +66,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
   at::Tensor dq_accum = deterministic ? at::Tensor() : at::zeros({s.total_q, s.heads_q, s.head_dim}, f32);
   at::Tensor dq = deterministic ? at::empty({s.total_q, s.heads_q, s.head_dim}, q.options()) : at::Tensor();
   const auto [order, offsets] = readers_of(seg, s.num_q_segments, s.num_k_segments, cu_q.options());
-  if (max_seqlen_k == 0 || s.total_k == 0) {  // no key anywhere: the kernels below would not cover dk / dv
-    dk.zero_();
-    dv.zero_();
-  }
 
   Params p = make_params(op, s, q, k, v, cu_q, cu_k, seg, lens, bias, causal, scale);
   p.dout = dout.data_ptr();
@@ -89,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
   p.dv = dv.data_ptr();
   p.dbias = bias_requires_grad ? dbias.data_ptr<float>() : nullptr;
 
-  dispatch(q.scalar_type(), s.head_dim, [&]<typename T, int D>() {
+  dispatch(q.scalar_type(), s.head_dim, bias.defined(), [&]<typename T, int D, bool kHasBias>() {
     using C = Tiles<D>;
     constexpr int kDeltaThreads = 256;  // 8 warps, one (row, head) each
     const int64_t delta_blocks = (s.total_q * s.heads_q + kDeltaThreads / 32 - 1) / (kDeltaThreads / 32);
@@ -99,11 +95,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
     p.q_tiles = tiles_for(max_seqlen_q, C::kQueries);
     const dim3 key_grid = segment_grid(op, s.num_k_segments, p.k_tiles, s.heads_kv);
     if (deterministic) {
-      launch(attention_backward_dkdv_kernel<T, D, false>, key_grid, C::kThreads, C::dkdv_smem(sizeof(T)), p);
-      launch(attention_backward_dq_kernel<T, D>, segment_grid(op, s.num_q_segments, p.q_tiles, s.heads_q),
+      launch(attention_backward_dkdv_kernel<T, D, false, kHasBias>, key_grid, C::kThreads, C::dkdv_smem(sizeof(T)), p);
+      launch(attention_backward_dq_kernel<T, D, kHasBias>, segment_grid(op, s.num_q_segments, p.q_tiles, s.heads_q),
              C::kThreads, C::dq_smem(sizeof(T)), p);
     } else {
-      launch(attention_backward_dkdv_kernel<T, D, true>, key_grid, C::kThreads, C::dkdv_smem(sizeof(T)), p);
+      launch(attention_backward_dkdv_kernel<T, D, true, kHasBias>, key_grid, C::kThreads, C::dkdv_smem(sizeof(T)), p);
     }
   });
 
