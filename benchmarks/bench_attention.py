@@ -4,7 +4,7 @@
     python benchmarks/bench_attention.py --check    # the device check: one shape per goal row, fwd+bwd, few reps
     python benchmarks/bench_attention.py --quick    # tiny shapes, seconds, on CPU (a smoke run)
 
-FLOPs are counted as flash-attn and peers.md do: 4 * B * H * Lq * Lk * D forward, x 3.5 forward+backward
+FLOPs are counted as flash-attn counts them: 4 * B * H * Lq * Lk * D forward, x 3.5 forward+backward
 (packed documents: useful in-document work only, sum over documents). Each provider is timed on the same
 inputs; "vs best peer" divides the best peer's time by vlcore's. The short-query fusion shapes are bound by
 memory and occupancy, so they also report the byte floor (q, k, v, out, lse read or written once forward;

@@ -139,10 +139,10 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// 16 bytes global -> shared; bytes = 0 writes zeros and reads nothing (rows past a segment's end).
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int bytes) {
+// 16 bytes global -> shared, bypassing L1 (.cg) and the registers.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
 #endif
 }
 __device__ __forceinline__ void cp_async_commit() {
@@ -314,24 +314,19 @@ __device__ __forceinline__ float bias_at(const Params& p, int key_row, int head)
 }
 
 // Copy `valid` rows of D elements (global rows `row_stride` apart, 16-byte aligned: see vector_ready) into
-// shared rows of LD elements with cp.async, zero-filling rows [valid, rows) and the padding columns
-// [D, DP) that round a head dim up to the mma's k of 16. `any_row` is a valid global address, given to the
-// zero-byte copies of missing rows (they read nothing). The caller commits and waits.
+// shared rows of LD elements with cp.async; rows [valid, rows) and the padding columns [D, DP) that round a
+// head dim up to the mma's k of 16 are zeroed by plain stores. The caller commits and waits.
 template <typename T, int D, int DP, int LD>
 __device__ __forceinline__ void load_rows_async(T* __restrict__ dst, const T* src, int64_t row_stride, int valid,
-                                                int rows, const void* any_row) {
+                                                int rows) {
   constexpr int kVec = 8;  // elements per 16 bytes
-  constexpr int kVecsPerRow = D / kVec;
+  constexpr int kVecsPerRow = DP / kVec;
   for (int idx = threadIdx.x; idx < rows * kVecsPerRow; idx += blockDim.x) {
     const int r = idx / kVecsPerRow, c = (idx % kVecsPerRow) * kVec;
-    const bool in = r < valid;
-    cp_async_16(dst + r * LD + c, in ? static_cast<const void*>(src + int64_t(r) * row_stride + c) : any_row,
-                in ? 16 : 0);
-  }
-  if constexpr (DP != D) {
-    constexpr int kPadVecs = (DP - D) / kVec;
-    for (int idx = threadIdx.x; idx < rows * kPadVecs; idx += blockDim.x) {
-      *reinterpret_cast<uint4*>(dst + (idx / kPadVecs) * LD + D + (idx % kPadVecs) * kVec) = make_uint4(0, 0, 0, 0);
+    if (r < valid && c < D) {
+      cp_async_16(dst + r * LD + c, src + int64_t(r) * row_stride + c);
+    } else {
+      *reinterpret_cast<uint4*>(dst + r * LD + c) = make_uint4(0, 0, 0, 0);
     }
   }
 }
@@ -374,6 +369,17 @@ struct Tiles {
   static constexpr int kBwdQueries = kDp <= 64 ? 64 : 32;
   static constexpr int kLdS = kBwdQueries + kPad;  // row length of the staged dS^T tile
 
+  // short-key backward: one warp per 16 keys of a whole key segment, query tiles of 16. Up to 16 warps
+  // (256 keys) at D <= 64, where 128 registers per thread remain (any 13 to 16 warps put 4 on one SM
+  // quarter: 16384 / 128); 8 warps (128 keys) above D = 64, whose dK / dV accumulators need more.
+  static constexpr int kShortMaxWarps = kDp <= 64 ? 16 : 8;
+  static constexpr int kShortMaxKeys = 16 * kShortMaxWarps;
+  static constexpr int kShortQueries = 16;
+  static constexpr int kLdShortS = kShortQueries + kPad;
+
+  static constexpr size_t short_smem(size_t elem, int keys) {
+    return elem * ((2 * keys + 3 * kShortQueries) * kLd + keys * kLdShortS) + 2 * sizeof(float) * kShortQueries;
+  }
   static constexpr size_t bias_smem() { return 2 * kKeys * sizeof(float); }
   static constexpr size_t forward_smem(size_t elem) { return elem * (kQueries + 4 * kKeys) * kLd + bias_smem(); }
   static constexpr size_t dq_smem(size_t elem) { return elem * (2 * kQueries + 4 * kKeys) * kLd + bias_smem(); }
@@ -397,9 +403,9 @@ struct KeyTiles {
   __device__ __forceinline__ void load(const Params& p, const SegmentView& sv, int h, int n0, int c1, int stage) const {
     const int valid = min(BN, c1 - n0);
     load_rows_async<T, D, C::kDp, LD>(sK + stage * BN * LD, k_head + int64_t(n0) * p.k_row_stride, p.k_row_stride,
-                                      valid, BN, p.k);
+                                      valid, BN);
     load_rows_async<T, D, C::kDp, LD>(sV + stage * BN * LD, v_head + int64_t(n0) * p.v_row_stride, p.v_row_stride,
-                                      valid, BN, p.v);
+                                      valid, BN);
     if constexpr (kHasBias) {
       for (int j = threadIdx.x; j < BN; j += blockDim.x) {
         sBias[stage * BN + j] = j < valid ? bias_at(p, sv.ks + n0 + j, h) * kLog2e : 0.f;
@@ -481,7 +487,7 @@ __global__ void __launch_bounds__(Tiles<D>::kThreads) attention_forward_kernel(c
     // Keys past c1 are masked for every row of the tile.
     const int c1 = p.causal ? clampi(m0 + BM + shift, 0, sv.used) : sv.used;
     load_rows_async<T, D, DP, LD>(sQ, q + int64_t(sv.qs + m0) * p.q_row_stride + int64_t(h) * p.q_head_stride,
-                                  p.q_row_stride, min(BM, sv.nq - m0), BM, p.q);
+                                  p.q_row_stride, min(BM, sv.nq - m0), BM);
     if (c1 > 0) tiles.load(p, sv, h, 0, c1, 0);
     cp_async_commit();
     cp_async_wait<0>();
@@ -605,9 +611,9 @@ __global__ void __launch_bounds__(Tiles<D>::kThreads) attention_backward_dkdv_ke
   for (int n0 = (blockIdx.x % p.k_tiles) * BN; n0 < nk; n0 += p.k_tiles * BN) {
     __syncthreads();  // the previous key tile's shared memory is consumed
     load_rows_async<T, D, DP, LD>(sK, static_cast<const T*>(p.k) + int64_t(ks + n0) * p.k_row_stride + int64_t(hk) * p.k_head_stride,
-                                  p.k_row_stride, min(BN, nk - n0), BN, p.k);
+                                  p.k_row_stride, min(BN, nk - n0), BN);
     load_rows_async<T, D, DP, LD>(sV, static_cast<const T*>(p.v) + int64_t(ks + n0) * p.v_row_stride + int64_t(hk) * p.v_head_stride,
-                                  p.v_row_stride, min(BN, nk - n0), BN, p.v);
+                                  p.v_row_stride, min(BN, nk - n0), BN);
     cp_async_commit();
     const int keys[2] = {n0 + kw + g, n0 + kw + g + 8};  // segment-relative key rows of this thread
     float dk[DP / 8][4], dv[DP / 8][4];
@@ -631,9 +637,9 @@ __global__ void __launch_bounds__(Tiles<D>::kThreads) attention_backward_dkdv_ke
           __syncthreads();  // shared tiles of the previous step are consumed
           const int valid = min(BQ, sv.nq - m0);
           load_rows_async<T, D, DP, LD>(sQ, q + int64_t(sv.qs + m0) * p.q_row_stride + int64_t(h) * p.q_head_stride,
-                                        p.q_row_stride, valid, BQ, p.q);
+                                        p.q_row_stride, valid, BQ);
           load_rows_async<T, D, DP, LD>(sdO, dout + int64_t(sv.qs + m0) * p.do_row_stride + int64_t(h) * p.do_head_stride,
-                                        p.do_row_stride, valid, BQ, p.dout);
+                                        p.do_row_stride, valid, BQ);
           cp_async_commit();
           for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
             const int64_t at = int64_t(h) * p.total_q + sv.qs + m0 + i;
@@ -772,9 +778,9 @@ __global__ void __launch_bounds__(Tiles<D>::kThreads) attention_backward_dq_kern
     const int valid_q = min(BM, sv.nq - m0);
     const int c1 = p.causal ? clampi(m0 + BM + shift, 0, sv.used) : sv.used;
     load_rows_async<T, D, DP, LD>(sQ, static_cast<const T*>(p.q) + int64_t(sv.qs + m0) * p.q_row_stride + int64_t(h) * p.q_head_stride,
-                                  p.q_row_stride, valid_q, BM, p.q);
+                                  p.q_row_stride, valid_q, BM);
     load_rows_async<T, D, DP, LD>(sdO, static_cast<const T*>(p.dout) + int64_t(sv.qs + m0) * p.do_row_stride + int64_t(h) * p.do_head_stride,
-                                  p.do_row_stride, valid_q, BM, p.dout);
+                                  p.do_row_stride, valid_q, BM);
     if (c1 > 0) tiles.load(p, sv, h, 0, c1, 0);
     cp_async_commit();
     cp_async_wait<0>();
@@ -832,6 +838,195 @@ __global__ void __launch_bounds__(Tiles<D>::kThreads) attention_backward_dq_kern
     for (int r = 0; r < 2; ++r) {
       if (rows[r] >= sv.nq) continue;
       store_accum_row<T, D>(out + (int64_t(sv.qs + rows[r]) * p.heads_q + h) * D, dq, r, p.scale, t);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Short-key backward (key segments up to kShortMaxKeys, the fusion shapes): one CTA per (key segment,
+// K/V head) with one warp per 16 keys holds the whole key segment's K and V in shared memory and walks
+// every query tile of every query segment reading it (kv_segment: an image's K/V is read once for all the
+// text segments that attend to it). Per tile of 16 queries it folds delta = rowsum(dO * O) - dlse in,
+// accumulates dK / dV / d key_bias in registers, stages dS^T, and computes the tile's whole dQ = dS K over
+// every key of the segment: no atomics, no float32 buffer, no zero or conversion pass, deterministic.
+// A segment longer than the CTA (max_seqlen_k understated it) is done in chunks of the CTA's keys; dQ is
+// then read back and added in the input dtype, in a fixed order.
+
+template <typename T, int D, bool kHasBias>
+__global__ void __launch_bounds__(Tiles<D>::kShortMaxWarps * 32) attention_backward_short_kernel(const Params p) {
+  using C = Tiles<D>;
+  constexpr int BQ = C::kShortQueries, LD = C::kLd, LDS = C::kLdShortS, DP = C::kDp;
+  const int warps = blockDim.x / 32, cap = warps * 16;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + cap * LD;
+  T* sQ = sV + cap * LD;
+  T* sdO = sQ + BQ * LD;
+  T* sO = sdO + BQ * LD;
+  T* sdS = sO + BQ * LD;  // dS^T [cap keys][BQ queries]
+  float* sLse = reinterpret_cast<float*>(sdS + cap * LDS);  // base 2 (lse_log2)
+  float* sDelta = sLse + BQ;
+
+  const int sk = blockIdx.x, hk = blockIdx.y;
+  int ks, nk;
+  key_segment_bounds(p, sk, ks, nk);
+  const int group = p.heads_q / p.heads_kv;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const T* q = static_cast<const T*>(p.q);
+  const T* dout = static_cast<const T*>(p.dout);
+  const T* o = static_cast<const T*>(p.o);
+  T* dq_out = static_cast<T*>(p.dq);
+  const int kw = warp * 16;  // this warp's 16 keys in the chunk
+  const int reader_begin = clampi(p.reader_offsets[sk], 0, p.num_q_segments);
+  const int reader_end = clampi(p.reader_offsets[sk + 1], reader_begin, p.num_q_segments);
+
+  // Chunk 0 always runs, and skips no query tile: it writes every dQ row of the readers (zeros where a row
+  // sees no key), so dQ needs no zero pass.
+  for (int c0 = 0; c0 == 0 || c0 < nk; c0 += cap) {
+    __syncthreads();  // the previous chunk's shared memory is consumed
+    const int nc = max(0, min(cap, nk - c0));
+    load_rows_async<T, D, DP, LD>(sK, static_cast<const T*>(p.k) + int64_t(ks + c0) * p.k_row_stride + int64_t(hk) * p.k_head_stride,
+                                  p.k_row_stride, nc, cap);
+    load_rows_async<T, D, DP, LD>(sV, static_cast<const T*>(p.v) + int64_t(ks + c0) * p.v_row_stride + int64_t(hk) * p.v_head_stride,
+                                  p.v_row_stride, nc, cap);
+    cp_async_commit();
+    const int keys[2] = {c0 + kw + g, c0 + kw + g + 8};  // segment-relative key rows of this thread
+    float dk[DP / 8][4], dv[DP / 8][4];
+    zero(dk);
+    zero(dv);
+
+    for (int hq = 0; hq < group; ++hq) {
+      const int h = hk * group + hq;
+      float db[2] = {0.f, 0.f};
+      float bias[2] = {0.f, 0.f};  // base 2
+      if constexpr (kHasBias) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) bias[r] = keys[r] < nk ? bias_at(p, ks + keys[r], h) * kLog2e : 0.f;
+      }
+      for (int reader = reader_begin; reader < reader_end; ++reader) {
+        const SegmentView sv = segment_of(p, p.reader_order[reader]);
+        if (c0 > 0 && c0 >= sv.used) continue;  // no key of this chunk is read
+        const int shift = sv.nk - sv.nq;
+        for (int m0 = 0; m0 < sv.nq; m0 += BQ) {
+          if (c0 > 0 && p.causal && m0 + BQ - 1 + shift < c0) continue;  // no query of the tile sees the chunk
+          __syncthreads();  // shared tiles of the previous step are consumed
+          const int valid = min(BQ, sv.nq - m0);
+          const int64_t row0 = sv.qs + m0;
+          load_rows_async<T, D, DP, LD>(sQ, q + row0 * p.q_row_stride + int64_t(h) * p.q_head_stride, p.q_row_stride,
+                                        valid, BQ);
+          load_rows_async<T, D, DP, LD>(sdO, dout + row0 * p.do_row_stride + int64_t(h) * p.do_head_stride,
+                                        p.do_row_stride, valid, BQ);
+          load_rows_async<T, D, DP, LD>(sO, o + row0 * p.o_row_stride + int64_t(h) * p.o_head_stride, p.o_row_stride,
+                                        valid, BQ);
+          cp_async_commit();
+          for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
+            sLse[i] = i < valid ? lse_log2(p.lse[int64_t(h) * p.total_q + row0 + i]) : INFINITY;  // padded: p = 0
+          }
+          cp_async_wait<0>();
+          __syncthreads();
+          // delta = rowsum(dO * O) - dlse, one warp per row
+          for (int i = warp; i < BQ; i += warps) {
+            float acc = 0.f;
+            for (int d = lane; d < D; d += 32) acc += Num<T>::to_float(sdO[i * LD + d]) * Num<T>::to_float(sO[i * LD + d]);
+#pragma unroll
+            for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+            if (lane == 0) {
+              sDelta[i] = i < valid ? acc - (p.dlse ? p.dlse[int64_t(h) * p.total_q + row0 + i] : 0.f) : 0.f;
+            }
+          }
+          __syncthreads();
+
+          // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x BQ queries
+          float st[BQ / 8][4], dpt[BQ / 8][4];
+          zero(st);
+          zero(dpt);
+#pragma unroll
+          for (int kk = 0; kk < DP / 16; ++kk) {
+            uint32_t ka[4], va[4];
+            a_from_rows(ka, sK, LD, kw, kk * 16, lane);
+            a_from_rows(va, sV, LD, kw, kk * 16, lane);
+#pragma unroll
+            for (int nt = 0; nt < BQ / 8; nt += 2) {
+              uint32_t qb[2][2], ob[2][2];
+              b_pair_from_rows(qb, sQ, LD, nt * 8, kk * 16, lane);
+              b_pair_from_rows(ob, sdO, LD, nt * 8, kk * 16, lane);
+              mma_16816<T>(st[nt], ka, qb[0]);
+              mma_16816<T>(st[nt + 1], ka, qb[1]);
+              mma_16816<T>(dpt[nt], va, ob[0]);
+              mma_16816<T>(dpt[nt + 1], va, ob[1]);
+            }
+          }
+          // P^T and dS^T; masks only where this warp's 16 keys need them (uniform over the warp)
+          const bool masked = c0 + kw + 16 > sv.used || (p.causal && c0 + kw + 15 > m0 + shift);
+#pragma unroll
+          for (int nt = 0; nt < BQ / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int qi = nt * 8 + 2 * t + (e & 1);
+              float pt = exp2_fast(st[nt][e] * p.scale_log2 + bias[e >> 1] - sLse[qi]);
+              if (masked) {
+                const int j = keys[e >> 1];
+                pt = (j < sv.used && (!p.causal || j <= m0 + qi + shift)) ? pt : 0.f;
+              }
+              const float ds = pt * (dpt[nt][e] - sDelta[qi]);
+              st[nt][e] = pt;
+              dpt[nt][e] = ds;
+              db[e >> 1] += ds;
+            }
+          }
+          mma_accum_times_rows<T, BQ, DP>(dv, st, sdO, LD, lane);  // dV += P^T dO
+          mma_accum_times_rows<T, BQ, DP>(dk, dpt, sQ, LD, lane);  // dK += dS^T Q
+#pragma unroll
+          for (int nt = 0; nt < BQ / 8; ++nt) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              *reinterpret_cast<uint32_t*>(&sdS[(kw + g + 8 * r) * LDS + nt * 8 + 2 * t]) =
+                  Num<T>::pack(dpt[nt][2 * r], dpt[nt][2 * r + 1]);
+            }
+          }
+          __syncthreads();
+          // dQ [BQ x D] = dS [BQ x cap] K [cap x D], one 16 x 8 block per warp at a time
+          for (int unit = warp; unit < (BQ / 16) * (D / 8); unit += warps) {
+            const int qb = unit / (D / 8), col = (unit % (D / 8)) * 8;
+            float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
+            for (int kk = 0; kk < warps; ++kk) {
+              uint32_t a[4];
+              a_from_cols(a, sdS, LDS, kk * 16, qb * 16, lane);
+              mma_a_times_cols<T>(acc, a, sK, LD, kk * 16, col, lane);
+            }
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const int qi = qb * 16 + g + 8 * r;
+              if (qi >= valid) continue;
+              T* dst = dq_out + ((row0 + qi) * p.heads_q + h) * D + col + 2 * t;
+              float lo = acc[0][2 * r] * p.scale, hi = acc[0][2 * r + 1] * p.scale;
+              if (c0 > 0) {  // a later chunk of an understated segment: add to what chunk 0 wrote
+                lo += Num<T>::to_float(dst[0]);
+                hi += Num<T>::to_float(dst[1]);
+              }
+              *reinterpret_cast<uint32_t*>(dst) = Num<T>::pack(lo, hi);
+            }
+          }
+        }
+      }
+      if (p.dbias) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float total = quad_sum(db[r]);
+          if (t == 0 && keys[r] < nk) p.dbias[int64_t(ks + keys[r]) * p.heads_q + h] = total;
+        }
+      }
+    }
+    cp_async_wait<0>();  // a chunk that no reader reads still committed its K/V copies
+
+    T* dk_out = static_cast<T*>(p.dk);
+    T* dv_out = static_cast<T*>(p.dv);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (keys[r] >= nk || keys[r] >= c0 + cap) continue;
+      const int64_t at = (int64_t(ks + keys[r]) * p.heads_kv + hk) * D;
+      store_accum_row<T, D>(dk_out + at, dk, r, p.scale, t);
+      store_accum_row<T, D>(dv_out + at, dv, r, 1.f, t);
     }
   }
 }

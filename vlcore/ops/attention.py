@@ -34,12 +34,15 @@ Inputs of any alignment are taken: a view at an odd storage offset is copied onc
 the CUDA kernels' 16-byte loads (decided on the host from ``data_ptr``, no sync).
 
 Backward: ``dq``, ``dk``, ``dv`` and ``d key_bias`` (when it requires grad). With ``kv_segment``, ``dk``/``dv``
-and ``d key_bias`` sum over every query segment that reads a key segment. ``deterministic=True`` (or, when
-``deterministic`` is left at None, ``torch.use_deterministic_algorithms(True)``) makes the CUDA backward
-bitwise reproducible: ``dq`` is then
-computed by a second pass over the key tiles instead of fp32 atomics, which recomputes the two
-``Lq x Lk`` products ``QK^T`` and ``dO V^T`` once more (about 1.4x the backward's matmul work). The CPU
-backward is always deterministic.
+and ``d key_bias`` sum over every query segment that reads a key segment. On CUDA, when ``max_seqlen_k``
+is at most 256 (head dims up to 64; 128 above), one CTA holds a whole key segment and computes dK, dV and
+dQ in one pass without atomics (deterministic; an image's K/V is read once for all the text segments of
+``kv_segment`` reading it). Longer keys take tiled kernels: ``dq`` by float32 atomics by default, or, with
+``deterministic=True`` (or, when ``deterministic`` is left at None,
+``torch.use_deterministic_algorithms(True)``), by a second pass over the key tiles that recomputes the
+``Lq x Lk`` products ``QK^T`` and ``dO V^T`` (about 1.4x the backward's matmul work), bitwise reproducible.
+The environment variable ``VLCORE_ATTENTION_SHORT_BACKWARD=0`` turns the short-key kernel off (the tests
+reach the tiled kernels on short shapes with it). The CPU backward is always deterministic.
 
 Value checks: the CPU kernels check every value of the index tensors. The CUDA kernels clamp what they
 read so that they never go out of bounds, but checking values there would need a host sync, so pass
