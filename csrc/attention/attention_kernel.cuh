@@ -579,6 +579,71 @@ __global__ void attention_backward_delta_kernel(const Params p) {
   }
 }
 
+// One warp's 16 keys [kw, kw + 16) of the shared K / V tile against a tile of BQ queries (the dK / dV
+// kernels): S^T = K Q^T and dP^T = V dO^T, then P^T = 2^(S^T scale log2(e) + bias - lse2) and
+// dS^T = P^T (dP^T - delta), masked (a branch uniform over the warp) only when `masked`; dV += P^T dO,
+// dK += dS^T Q, db += the rows of dS^T. dS^T is left in dst for the caller (dQ).
+template <typename T, int DP, int BQ, int LD>
+__device__ __forceinline__ void key_strip_step(float (&dk)[DP / 8][4], float (&dv)[DP / 8][4], float (&db)[2],
+                                               float (&dst)[BQ / 8][4], const T* sK, const T* sV, const T* sQ,
+                                               const T* sdO, const float* sLse, const float* sDelta,
+                                               const float (&bias)[2], const int (&keys)[2], int kw, bool masked,
+                                               int used, bool causal, int m0, int shift, float scale_log2,
+                                               int lane) {
+  const int t = lane % 4;
+  float pt[BQ / 8][4];
+  zero(pt);
+  zero(dst);
+#pragma unroll
+  for (int kk = 0; kk < DP / 16; ++kk) {
+    uint32_t ka[4], va[4];
+    a_from_rows(ka, sK, LD, kw, kk * 16, lane);
+    a_from_rows(va, sV, LD, kw, kk * 16, lane);
+#pragma unroll
+    for (int nt = 0; nt < BQ / 8; nt += 2) {
+      uint32_t qb[2][2], ob[2][2];
+      b_pair_from_rows(qb, sQ, LD, nt * 8, kk * 16, lane);
+      b_pair_from_rows(ob, sdO, LD, nt * 8, kk * 16, lane);
+      mma_16816<T>(pt[nt], ka, qb[0]);
+      mma_16816<T>(pt[nt + 1], ka, qb[1]);
+      mma_16816<T>(dst[nt], va, ob[0]);
+      mma_16816<T>(dst[nt + 1], va, ob[1]);
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < BQ / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int qi = nt * 8 + 2 * t + (e & 1);
+      float p = exp2_fast(pt[nt][e] * scale_log2 + bias[e >> 1] - sLse[qi]);
+      if (masked) {
+        const int j = keys[e >> 1];
+        p = (j < used && (!causal || j <= m0 + qi + shift)) ? p : 0.f;
+      }
+      const float ds = p * (dst[nt][e] - sDelta[qi]);
+      pt[nt][e] = p;
+      dst[nt][e] = ds;
+      db[e >> 1] += ds;
+    }
+  }
+  mma_accum_times_rows<T, BQ, DP>(dv, pt, sdO, LD, lane);  // B (k = query, n = dim) from shared rows
+  mma_accum_times_rows<T, BQ, DP>(dk, dst, sQ, LD, lane);
+}
+
+// A warp's 16 rows [kw, kw + 16) of float accumulator tiles [N / 8][4] stored as T into shared rows of ld.
+template <typename T, int N>
+__device__ __forceinline__ void stage_rows(T* s, int ld, int kw, const float (&acc)[N / 8][4], int lane) {
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int nt = 0; nt < N / 8; ++nt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      *reinterpret_cast<uint32_t*>(&s[(kw + g + 8 * r) * ld + nt * 8 + 2 * t]) =
+          Num<T>::pack(acc[nt][2 * r], acc[nt][2 * r + 1]);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Backward dK / dV (and dQ by atomics when kAtomicDq): one CTA per (64-key tile, K/V head, key segment),
 // looping with the grid's stride over the segment's key tiles (a max_seqlen_k below a segment's length
@@ -649,58 +714,14 @@ __global__ void __launch_bounds__(Tiles<D>::kThreads) attention_backward_dkdv_ke
           cp_async_wait<0>();
           __syncthreads();
 
-          // S^T = K Q^T and dP^T = V dO^T, 16 keys x BQ queries per warp
-          float st[BQ / 8][4], dpt[BQ / 8][4];
-          zero(st);
-          zero(dpt);
-#pragma unroll
-          for (int kk = 0; kk < DP / 16; ++kk) {
-            uint32_t ka[4], va[4];
-            a_from_rows(ka, sK, LD, kw, kk * 16, lane);
-            a_from_rows(va, sV, LD, kw, kk * 16, lane);
-#pragma unroll
-            for (int nt = 0; nt < BQ / 8; nt += 2) {
-              uint32_t qb[2][2], ob[2][2];
-              b_pair_from_rows(qb, sQ, LD, nt * 8, kk * 16, lane);
-              b_pair_from_rows(ob, sdO, LD, nt * 8, kk * 16, lane);
-              mma_16816<T>(st[nt], ka, qb[0]);
-              mma_16816<T>(st[nt + 1], ka, qb[1]);
-              mma_16816<T>(dpt[nt], va, ob[0]);
-              mma_16816<T>(dpt[nt + 1], va, ob[1]);
-            }
-          }
-          // P^T and dS^T in place; masks only where the tile needs them (uniform branch)
-          const bool masked = n0 + BN > sv.used || (p.causal && n0 + BN - 1 > m0 + shift);
-#pragma unroll
-          for (int nt = 0; nt < BQ / 8; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int qi = nt * 8 + 2 * t + (e & 1);
-              float pt = exp2_fast(st[nt][e] * p.scale_log2 + bias[e >> 1] - sLse[qi]);
-              if (masked) {
-                const int j = keys[e >> 1];
-                pt = (j < sv.used && (!p.causal || j <= m0 + qi + shift)) ? pt : 0.f;
-              }
-              const float ds = pt * (dpt[nt][e] - sDelta[qi]);
-              st[nt][e] = pt;
-              dpt[nt][e] = ds;
-              db[e >> 1] += ds;
-            }
-          }
-          // dV += P^T dO and dK += dS^T Q: A from the accumulators, B (k = query, n = dim) from shared rows
-          mma_accum_times_rows<T, BQ, DP>(dv, st, sdO, LD, lane);
-          mma_accum_times_rows<T, BQ, DP>(dk, dpt, sQ, LD, lane);
+          float dst[BQ / 8][4];  // dS^T of this warp's 16 keys
+          key_strip_step<T, DP, BQ, LD>(dk, dv, db, dst, sK, sV, sQ, sdO, sLse, sDelta, bias, keys, kw,
+                                        n0 + BN > sv.used || (p.causal && n0 + BN - 1 > m0 + shift), sv.used,
+                                        p.causal, m0, shift, p.scale_log2, lane);
           if constexpr (kAtomicDq) {
             // Stage dS^T, then dQ[BQ, D] += dS K over this CTA's 64 keys: warps split queries (16 rows each)
             // and, when BQ < 64, head dims.
-#pragma unroll
-            for (int nt = 0; nt < BQ / 8; ++nt) {
-#pragma unroll
-              for (int r = 0; r < 2; ++r) {
-                *reinterpret_cast<uint32_t*>(&sdS[(kw + g + 8 * r) * LDS + nt * 8 + 2 * t]) =
-                    Num<T>::pack(dpt[nt][2 * r], dpt[nt][2 * r + 1]);
-              }
-            }
+            stage_rows<T, BQ>(sdS, LDS, kw, dst, lane);
             __syncthreads();
             constexpr int kQueryBlocks = BQ / 16, kDimSplit = C::kWarps / kQueryBlocks, kDims = DP / kDimSplit;
             static_assert(kDims % 8 == 0, "each warp's dQ columns are whole 8-column tiles");
@@ -936,54 +957,11 @@ __global__ void __launch_bounds__(Tiles<D>::kShortMaxWarps * 32) attention_backw
           }
           __syncthreads();
 
-          // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x BQ queries
-          float st[BQ / 8][4], dpt[BQ / 8][4];
-          zero(st);
-          zero(dpt);
-#pragma unroll
-          for (int kk = 0; kk < DP / 16; ++kk) {
-            uint32_t ka[4], va[4];
-            a_from_rows(ka, sK, LD, kw, kk * 16, lane);
-            a_from_rows(va, sV, LD, kw, kk * 16, lane);
-#pragma unroll
-            for (int nt = 0; nt < BQ / 8; nt += 2) {
-              uint32_t qb[2][2], ob[2][2];
-              b_pair_from_rows(qb, sQ, LD, nt * 8, kk * 16, lane);
-              b_pair_from_rows(ob, sdO, LD, nt * 8, kk * 16, lane);
-              mma_16816<T>(st[nt], ka, qb[0]);
-              mma_16816<T>(st[nt + 1], ka, qb[1]);
-              mma_16816<T>(dpt[nt], va, ob[0]);
-              mma_16816<T>(dpt[nt + 1], va, ob[1]);
-            }
-          }
-          // P^T and dS^T; masks only where this warp's 16 keys need them (uniform over the warp)
-          const bool masked = c0 + kw + 16 > sv.used || (p.causal && c0 + kw + 15 > m0 + shift);
-#pragma unroll
-          for (int nt = 0; nt < BQ / 8; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int qi = nt * 8 + 2 * t + (e & 1);
-              float pt = exp2_fast(st[nt][e] * p.scale_log2 + bias[e >> 1] - sLse[qi]);
-              if (masked) {
-                const int j = keys[e >> 1];
-                pt = (j < sv.used && (!p.causal || j <= m0 + qi + shift)) ? pt : 0.f;
-              }
-              const float ds = pt * (dpt[nt][e] - sDelta[qi]);
-              st[nt][e] = pt;
-              dpt[nt][e] = ds;
-              db[e >> 1] += ds;
-            }
-          }
-          mma_accum_times_rows<T, BQ, DP>(dv, st, sdO, LD, lane);  // dV += P^T dO
-          mma_accum_times_rows<T, BQ, DP>(dk, dpt, sQ, LD, lane);  // dK += dS^T Q
-#pragma unroll
-          for (int nt = 0; nt < BQ / 8; ++nt) {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              *reinterpret_cast<uint32_t*>(&sdS[(kw + g + 8 * r) * LDS + nt * 8 + 2 * t]) =
-                  Num<T>::pack(dpt[nt][2 * r], dpt[nt][2 * r + 1]);
-            }
-          }
+          float dst[BQ / 8][4];  // dS^T of this warp's 16 keys; masks only where they need them
+          key_strip_step<T, DP, BQ, LD>(dk, dv, db, dst, sK, sV, sQ, sdO, sLse, sDelta, bias, keys, kw,
+                                        c0 + kw + 16 > sv.used || (p.causal && c0 + kw + 15 > m0 + shift),
+                                        sv.used, p.causal, m0, shift, p.scale_log2, lane);
+          stage_rows<T, BQ>(sdS, LDS, kw, dst, lane);
           __syncthreads();
           // dQ [BQ x D] = dS [BQ x cap] K [cap x D], one 16 x 8 block per warp at a time
           for (int unit = warp; unit < (BQ / 16) * (D / 8); unit += warps) {

@@ -676,6 +676,9 @@ def test_attention_dispatch_rules(library_calls, monkeypatch):
         assert library_calls == ["sdpa"]
     finally:
         attention_module.set_attention_backend(previous)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the exact reference under CPU autocast
+        vlcore.ops.attention(q, kv, kv, backend="library")
+    assert library_calls == ["sdpa"]
     with pytest.raises(ValueError, match="backend must be one of"):
         vlcore.ops.attention(q, kv, kv, backend="cudnn")
     # Packed on CPU: no varlen kernel, so "library" runs vlcore and still matches the reference.

@@ -182,8 +182,10 @@ def _vlcore_can_run(q) -> bool:
 
 
 def _plain(key_bias, key_lengths, return_lse, deterministic, device, backend) -> bool:
+    # Under CPU autocast the op stays on its exact reference (SDPA would compute in the autocast dtype).
     return (backend != "vlcore" and key_bias is None and key_lengths is None and not return_lse
-            and not (deterministic and device.type == "cuda"))
+            and not (deterministic and device.type == "cuda")
+            and not (device.type == "cpu" and torch.is_autocast_enabled("cpu")))
 
 
 def _dense_uses_library(q, k, v, causal, key_bias, key_lengths, return_lse, deterministic, backend) -> bool:
@@ -205,14 +207,21 @@ def _sdpa(q, k, v, *, causal, scale):
     return out.transpose(1, 2)
 
 
-def _varlen_attn():
-    """torch's varlen_attn and the keywords this torch's version takes, or None where it has none."""
+def _find_varlen_attn():
+    """torch's varlen_attn and the keywords this torch's version takes, or None where it has none. Looked up
+    once at import, so that tracing (torch.compile) sees a constant."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
     import inspect
-    return varlen_attn, set(inspect.signature(varlen_attn).parameters)
+    params = set(inspect.signature(varlen_attn).parameters)
+    if "scale" not in params or ("window_size" not in params and "is_causal" not in params):
+        return None  # a version this dispatch does not know how to ask for a scale or a causal mask
+    return varlen_attn, params
+
+
+_VARLEN_ATTN = _find_varlen_attn()
 
 
 def _packed_library_kernel(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, key_bias, kv_segment, key_lengths,
@@ -225,10 +234,9 @@ def _packed_library_kernel(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, key_b
         return None
     if not (backend == "library" or max_seqlen_q >= LIBRARY_MIN_SEQLEN):
         return None
-    found = _varlen_attn()
-    if found is None or (q.shape[1] != k.shape[1] and "enable_gqa" not in found[1]):
+    if _VARLEN_ATTN is None or (q.shape[1] != k.shape[1] and "enable_gqa" not in _VARLEN_ATTN[1]):
         return None
-    varlen_attn, params = found
+    varlen_attn, params = _VARLEN_ATTN
 
     def run(q, k, v, cu, max_len, *, causal, scale):
         kwargs = dict(scale=scale)
