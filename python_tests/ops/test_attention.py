@@ -539,6 +539,15 @@ def test_attention_unaligned_inputs(device, deterministic, poisoned):
     unaligned = run_with_grads(op_fn, odd, at_odd_offset(grad_out), grad_lse)
     for a, b in zip(aligned, unaligned):
         torch.testing.assert_close(a, b, atol=0, rtol=0) if deterministic else torch.testing.assert_close(a, b)
+    # The backward op itself with every tensor it reads at an odd offset (autograd hands it fresh ones).
+    out, lse = (t.detach() for t in aligned[:2])
+    grad_out = randn(q.shape, dtype, device)
+    backward = torch.ops.vlcore.attention_backward
+    args = (cu_q, cu_k, 17, 40, key_bias, None, None, True, 1 / math.sqrt(32), True, deterministic)
+    want = backward(grad_out, q, k, v, out, lse, None, *args)
+    got = backward(*[at_odd_offset(t) for t in (grad_out, q, k, v, out, lse)], None, *args)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0) if deterministic else torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("device", DEVICES)
