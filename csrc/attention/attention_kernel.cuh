@@ -630,6 +630,45 @@ __device__ __forceinline__ void key_strip_step(float (&dk)[DP / 8][4], float (&d
   mma_accum_times_rows<T, BQ, DP>(dk, dst, sQ, LD, lane);
 }
 
+// Keys [k0, k0 + rows) of K/V head hk of the key segment starting at ks, `valid` of them real, into the
+// shared K and V tiles (one cp.async group, committed).
+template <typename T, int D, int DP, int LD>
+__device__ __forceinline__ void load_key_rows(T* sK, T* sV, const Params& p, int ks, int k0, int hk, int valid,
+                                              int rows) {
+  load_rows_async<T, D, DP, LD>(sK, static_cast<const T*>(p.k) + int64_t(ks + k0) * p.k_row_stride + int64_t(hk) * p.k_head_stride,
+                                p.k_row_stride, valid, rows);
+  load_rows_async<T, D, DP, LD>(sV, static_cast<const T*>(p.v) + int64_t(ks + k0) * p.v_row_stride + int64_t(hk) * p.v_head_stride,
+                                p.v_row_stride, valid, rows);
+  cp_async_commit();
+}
+
+// key_bias of this thread's two key rows for query head h, in base 2 (0 past the segment or without bias).
+template <bool kHasBias>
+__device__ __forceinline__ void key_bias_log2(float (&bias)[2], const Params& p, int ks, const int (&keys)[2], int nk,
+                                              int h) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if constexpr (kHasBias) {
+      bias[r] = keys[r] < nk ? bias_at(p, ks + keys[r], h) * kLog2e : 0.f;
+    } else {
+      bias[r] = 0.f;
+    }
+  }
+}
+
+// This thread's two key rows of dK (times scale) and dV, those inside the segment.
+template <typename T, int D, int N>
+__device__ __forceinline__ void store_dkdv(const Params& p, int ks, const int (&keys)[2], int nk, int hk,
+                                           const float (&dk)[N][4], const float (&dv)[N][4], int t) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (keys[r] >= nk) continue;
+    const int64_t at = (int64_t(ks + keys[r]) * p.heads_kv + hk) * D;
+    store_accum_row<T, D>(static_cast<T*>(p.dk) + at, dk, r, p.scale, t);
+    store_accum_row<T, D>(static_cast<T*>(p.dv) + at, dv, r, 1.f, t);
+  }
+}
+
 // A warp's 16 rows [kw, kw + 16) of float accumulator tiles [N / 8][4] stored as T into shared rows of ld.
 template <typename T, int N>
 __device__ __forceinline__ void stage_rows(T* s, int ld, int kw, const float (&acc)[N / 8][4], int lane) {
@@ -675,11 +714,7 @@ __global__ void __launch_bounds__(Tiles<D>::kThreads) attention_backward_dkdv_ke
 
   for (int n0 = (blockIdx.x % p.k_tiles) * BN; n0 < nk; n0 += p.k_tiles * BN) {
     __syncthreads();  // the previous key tile's shared memory is consumed
-    load_rows_async<T, D, DP, LD>(sK, static_cast<const T*>(p.k) + int64_t(ks + n0) * p.k_row_stride + int64_t(hk) * p.k_head_stride,
-                                  p.k_row_stride, min(BN, nk - n0), BN);
-    load_rows_async<T, D, DP, LD>(sV, static_cast<const T*>(p.v) + int64_t(ks + n0) * p.v_row_stride + int64_t(hk) * p.v_head_stride,
-                                  p.v_row_stride, min(BN, nk - n0), BN);
-    cp_async_commit();
+    load_key_rows<T, D, DP, LD>(sK, sV, p, ks, n0, hk, min(BN, nk - n0), BN);
     const int keys[2] = {n0 + kw + g, n0 + kw + g + 8};  // segment-relative key rows of this thread
     float dk[DP / 8][4], dv[DP / 8][4];
     zero(dk);
@@ -688,11 +723,8 @@ __global__ void __launch_bounds__(Tiles<D>::kThreads) attention_backward_dkdv_ke
     for (int hq = 0; hq < group; ++hq) {
       const int h = hk * group + hq;
       float db[2] = {0.f, 0.f};
-      float bias[2] = {0.f, 0.f};  // base 2
-      if constexpr (kHasBias) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) bias[r] = keys[r] < nk ? bias_at(p, ks + keys[r], h) * kLog2e : 0.f;
-      }
+      float bias[2];
+      key_bias_log2<kHasBias>(bias, p, ks, keys, nk, h);
       for (int reader = reader_begin; reader < reader_end; ++reader) {
         const SegmentView sv = segment_of(p, p.reader_order[reader]);
         if (n0 >= sv.used) continue;  // every key of this tile is beyond the reader's key_lengths
@@ -759,15 +791,7 @@ __global__ void __launch_bounds__(Tiles<D>::kThreads) attention_backward_dkdv_ke
     }
     cp_async_wait<0>();  // a tile whose keys no reader reads still committed its K/V copies
 
-    T* dk_out = static_cast<T*>(p.dk);
-    T* dv_out = static_cast<T*>(p.dv);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (keys[r] >= nk) continue;
-      const int64_t at = (int64_t(ks + keys[r]) * p.heads_kv + hk) * D;
-      store_accum_row<T, D>(dk_out + at, dk, r, p.scale, t);
-      store_accum_row<T, D>(dv_out + at, dv, r, 1.f, t);
-    }
+    store_dkdv<T, D>(p, ks, keys, nk, hk, dk, dv, t);
   }
 }
 
@@ -906,11 +930,7 @@ __global__ void __launch_bounds__(Tiles<D>::kShortMaxWarps * 32) attention_backw
   for (int c0 = 0; c0 == 0 || c0 < nk; c0 += cap) {
     __syncthreads();  // the previous chunk's shared memory is consumed
     const int nc = max(0, min(cap, nk - c0));
-    load_rows_async<T, D, DP, LD>(sK, static_cast<const T*>(p.k) + int64_t(ks + c0) * p.k_row_stride + int64_t(hk) * p.k_head_stride,
-                                  p.k_row_stride, nc, cap);
-    load_rows_async<T, D, DP, LD>(sV, static_cast<const T*>(p.v) + int64_t(ks + c0) * p.v_row_stride + int64_t(hk) * p.v_head_stride,
-                                  p.v_row_stride, nc, cap);
-    cp_async_commit();
+    load_key_rows<T, D, DP, LD>(sK, sV, p, ks, c0, hk, nc, cap);
     const int keys[2] = {c0 + kw + g, c0 + kw + g + 8};  // segment-relative key rows of this thread
     float dk[DP / 8][4], dv[DP / 8][4];
     zero(dk);
@@ -919,11 +939,8 @@ __global__ void __launch_bounds__(Tiles<D>::kShortMaxWarps * 32) attention_backw
     for (int hq = 0; hq < group; ++hq) {
       const int h = hk * group + hq;
       float db[2] = {0.f, 0.f};
-      float bias[2] = {0.f, 0.f};  // base 2
-      if constexpr (kHasBias) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) bias[r] = keys[r] < nk ? bias_at(p, ks + keys[r], h) * kLog2e : 0.f;
-      }
+      float bias[2];
+      key_bias_log2<kHasBias>(bias, p, ks, keys, nk, h);
       for (int reader = reader_begin; reader < reader_end; ++reader) {
         const SegmentView sv = segment_of(p, p.reader_order[reader]);
         if (c0 > 0 && c0 >= sv.used) continue;  // no key of this chunk is read
@@ -997,15 +1014,7 @@ __global__ void __launch_bounds__(Tiles<D>::kShortMaxWarps * 32) attention_backw
     }
     cp_async_wait<0>();  // a chunk that no reader reads still committed its K/V copies
 
-    T* dk_out = static_cast<T*>(p.dk);
-    T* dv_out = static_cast<T*>(p.dv);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (keys[r] >= nk || keys[r] >= c0 + cap) continue;
-      const int64_t at = (int64_t(ks + keys[r]) * p.heads_kv + hk) * D;
-      store_accum_row<T, D>(dk_out + at, dk, r, p.scale, t);
-      store_accum_row<T, D>(dv_out + at, dv, r, 1.f, t);
-    }
+    store_dkdv<T, D>(p, ks, keys, nk, hk, dk, dv, t);  // keys[r] < c0 + cap always
   }
 }
 
