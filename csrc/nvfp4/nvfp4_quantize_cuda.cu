@@ -20,12 +20,16 @@ using namespace nvfp4_cuda;
 constexpr int kTile = 64;  // quantize tile: 64 x 64 elements
 
 // ---------------------------------------------------------------------------------------------------------
-// Fused quantize of one 64x64 tile. Thread t loads row t/4, columns (t%4)*16 .. +16 (its rowwise job);
-// after the tile is in shared memory it takes column t%64, rows (t/64)*16 .. +16 (its columnwise job).
+// Fused quantize of one 64x64 tile. Thread t loads row t/4, columns (t%4)*16 .. +16 with 16-byte loads
+// (its rowwise job); after the tile is in shared memory it takes column t%64, rows (t/64)*16 .. +16 (its
+// columnwise job). Each job is one 16-element block: one Philox draw when stochastic (nvfp4_math.h).
+// Stores are wide: rowwise codes 16 bytes per lane pair, the transposed columnwise codes staged in shared
+// memory and written 16 bytes per thread along each output row, scales 4 bytes (the 4 blocks of a tile
+// row are adjacent in the plain layout and, at a multiple of 4, in the swizzled one).
 
 // The checked configuration plus what the kernel needs to find its data.
 struct QuantizeParams : QuantizeConfig {
-  bool vector_ok;
+  bool vector_ok;  // x is 16-byte aligned with whole 16-element row segments
   uint8_t* codes;
   uint8_t* scales;
   const float* amax;
@@ -34,29 +38,31 @@ struct QuantizeParams : QuantizeConfig {
   const float* amax_t;
 };
 
-__device__ __forceinline__ void draw_bits(uint64_t seed, uint64_t offset, int orientation, uint64_t first_index,
-                                          uint32_t* rand) {
-#pragma unroll
-  for (int g = 0; g < 4; ++g) {
-    const Philox4 bits = sr_bits(seed, offset, orientation, first_index / 4 + g);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) rand[4 * g + j] = bits.x[j];
-  }
+constexpr unsigned kFullMask = 0xFFFFFFFFu;
+constexpr int kStagePitch = 48;  // bytes per staged columnwise output row: 32 used, 16-byte aligned, fewer conflicts
+
+__device__ __forceinline__ uint2 pack_codes8(const uint8_t* packed) {
+  return make_uint2(packed[0] | (packed[1] << 8) | (packed[2] << 16) | (uint32_t(packed[3]) << 24),
+                    packed[4] | (packed[5] << 8) | (packed[6] << 16) | (uint32_t(packed[7]) << 24));
 }
 
-// 8 packed code bytes (16 elements) as one 8-byte store; dst is 8-byte aligned (row pitch % 8 == 0).
-__device__ __forceinline__ void store_codes8(uint8_t* dst, const uint8_t* packed) {
-  uint2 w;
-  w.x = packed[0] | (packed[1] << 8) | (packed[2] << 16) | (uint32_t(packed[3]) << 24);
-  w.y = packed[4] | (packed[5] << 8) | (packed[6] << 16) | (uint32_t(packed[7]) << 24);
-  *reinterpret_cast<uint2*>(dst) = w;
+// Store the scale bytes of 4 adjacent blocks (4 x `scale` of lanes base..base+3 of the calling group):
+// one 4-byte store when all 4 exist and the destination is 4-byte aligned, else a byte per existing block.
+__device__ __forceinline__ void store_scales4(uint8_t* dst, const uint8_t* bytes, int valid, bool word_ok) {
+  if (valid == 4 && word_ok) {
+    *reinterpret_cast<uint32_t*>(dst) = bytes[0] | (bytes[1] << 8) | (bytes[2] << 16) | (uint32_t(bytes[3]) << 24);
+  } else {
+    for (int i = 0; i < valid; ++i) dst[i] = bytes[i];
+  }
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(const T* __restrict__ x, QuantizeParams p) {
   __shared__ float tile[kTile][kTile + 1];    // +1: conflict-free column reads
   __shared__ float seg_amax[kTile][kTile / kBlock];  // amax of each 1x16 row segment (for 16x16 tiles)
-  const int t = threadIdx.x;
+  __shared__ __align__(16) uint8_t stage_codes[kTile][kStagePitch];  // columnwise codes of this tile
+  __shared__ uint8_t stage_scales[kTile][kTile / kBlock];            // columnwise scales of this tile
+  const int t = threadIdx.x, lane = t & 31;
   // Row tiles in x (up to 2^31 - 1 blocks): the token count is the dimension that grows.
   const int64_t r0 = int64_t(blockIdx.x) * kTile, c0 = int64_t(blockIdx.y) * kTile;
 
@@ -76,33 +82,58 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(const T* __res
   if (p.block_2d) seg_amax[lr][seg] = block_abs_max(v);
   __syncthreads();
 
-  uint32_t rand[16];
-  if (p.rowwise && in_tile) {  // rowwise needs cols % 16 == 0: the segment is whole
-    const float amax = *p.amax;
-    const float s_enc = global_encode_scale(amax), s_dec = global_decode_scale(s_enc);
-    if (p.rht_rowwise) {
-      hadamard16_forward(v, kDefaultSignMask);
-#pragma unroll
-      for (int i = 0; i < 16; ++i) v[i] = round_to_bf16(v[i]);
-    }
-    float block_amax = block_abs_max(v);
-    if (p.block_2d) {
-      block_amax = 0.0f;
-      const int tr = (lr / kBlock) * kBlock;
-#pragma unroll
-      for (int i = 0; i < kBlock; ++i) block_amax = max_drop_nan(block_amax, seg_amax[tr + i][seg]);
-    }
-    if (p.stochastic) draw_bits(p.seed, p.offset, 0, static_cast<uint64_t>(r * p.cols + c), rand);
-    uint8_t packed[8];
-    const uint8_t scale = quantize_block16(v, block_amax, s_enc, s_dec, p.stochastic, rand, packed);
-    store_codes8(p.codes + r * (p.cols / 2) + c / 2, packed);
+  if (p.rowwise) {  // rowwise needs cols % 16 == 0: a segment is whole or absent
+    uint8_t packed[8] = {};
+    uint8_t scale = 0;
     const int64_t blocks_per_row = p.cols / kBlock;
-    p.scales[p.swizzle ? swizzled_scale_index(r, c / kBlock, blocks_per_row) : r * blocks_per_row + c / kBlock] = scale;
+    if (in_tile) {
+      const float amax = *p.amax;
+      const float s_enc = global_encode_scale(amax), s_dec = global_decode_scale(s_enc);
+      if (p.rht_rowwise) {
+        hadamard16_forward(v, kDefaultSignMask);
+#pragma unroll
+        for (int i = 0; i < 16; ++i) v[i] = round_to_bf16(v[i]);
+      }
+      float block_amax = block_abs_max(v);
+      if (p.block_2d) {
+        block_amax = 0.0f;
+        const int tr = (lr / kBlock) * kBlock;
+#pragma unroll
+        for (int i = 0; i < kBlock; ++i) block_amax = max_drop_nan(block_amax, seg_amax[tr + i][seg]);
+      }
+      const Philox4 rand = p.stochastic ? sr_bits(p.seed, p.offset, 0, static_cast<uint64_t>(r * blocks_per_row + c / kBlock))
+                                        : Philox4{};
+      scale = quantize_block16(v, block_amax, s_enc, s_dec, p.stochastic, rand, packed);
+    }
+    // Lanes 4k..4k+3 hold the 4 segments of one tile row: exchange so that wide stores can be used.
+    const uint2 mine = pack_codes8(packed);
+    const uint32_t next_x = __shfl_down_sync(kFullMask, mine.x, 1), next_y = __shfl_down_sync(kFullMask, mine.y, 1);
+    uint8_t row_scales[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) row_scales[j] = static_cast<uint8_t>(__shfl_sync(kFullMask, scale, (lane & ~3) + j));
+    if (in_tile) {
+      uint8_t* dst = p.codes + r * (p.cols / 2) + c / 2;
+      if (p.cols % 32 == 0) {  // rows of 16-byte multiples: lane pairs (seg 0,1), (2,3) write 16 bytes
+        if ((seg & 1) == 0) *reinterpret_cast<uint4*>(dst) = make_uint4(mine.x, mine.y, next_x, next_y);
+      } else {
+        *reinterpret_cast<uint2*>(dst) = mine;  // 8-byte aligned: the row pitch is a multiple of 8
+      }
+      if (seg == 0) {
+        const int64_t b0 = c / kBlock;
+        const int n = static_cast<int>(blocks_per_row - b0 < 4 ? blocks_per_row - b0 : 4);
+        if (p.swizzle) {
+          store_scales4(p.scales + swizzled_scale_index(r, b0, blocks_per_row), row_scales, n, true);
+        } else {
+          store_scales4(p.scales + r * blocks_per_row + b0, row_scales, n, blocks_per_row % 4 == 0);
+        }
+      }
+    }
   }
 
   if (p.columnwise) {  // columnwise needs rows % 16 == 0: a segment is whole or absent
     const int lc = t % kTile, rb = t / kTile;
     const int64_t col = c0 + lc, row = r0 + rb * kBlock;
+    const int64_t blocks_per_col = p.rows / kBlock;  // blocks per row of the transposed output
     if (col < p.cols && row < p.rows) {
       const float amax = *p.amax_t;
       const float s_enc = global_encode_scale(amax), s_dec = global_decode_scale(s_enc);
@@ -120,13 +151,38 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(const T* __res
 #pragma unroll
         for (int i = 0; i < kBlock; ++i) block_amax = max_drop_nan(block_amax, seg_amax[rb * kBlock + i][lc / kBlock]);
       }
-      if (p.stochastic) draw_bits(p.seed, p.offset, 1, static_cast<uint64_t>(col * p.rows + row), rand);
+      const Philox4 rand = p.stochastic ? sr_bits(p.seed, p.offset, 1, static_cast<uint64_t>(col * blocks_per_col + row / kBlock))
+                                        : Philox4{};
       uint8_t packed[8];
-      const uint8_t scale = quantize_block16(w, block_amax, s_enc, s_dec, p.stochastic, rand, packed);
-      store_codes8(p.codes_t + col * (p.rows / 2) + row / 2, packed);
-      const int64_t blocks_per_row = p.rows / kBlock;
-      p.scales_t[p.swizzle ? swizzled_scale_index(col, row / kBlock, blocks_per_row)
-                           : col * blocks_per_row + row / kBlock] = scale;
+      stage_scales[lc][rb] = quantize_block16(w, block_amax, s_enc, s_dec, p.stochastic, rand, packed);
+      *reinterpret_cast<uint2*>(&stage_codes[lc][rb * 8]) = pack_codes8(packed);
+    }
+    __syncthreads();
+    if (t < 2 * kTile) {  // codes: output row c0 + t/2, 16 bytes (32 rows of x) per thread
+      const int lc2 = t / 2, half = t % 2;
+      const int64_t col2 = c0 + lc2, row_first = r0 + half * 32;
+      if (col2 < p.cols && row_first < p.rows) {
+        uint8_t* dst = p.codes_t + col2 * (p.rows / 2) + row_first / 2;
+        const uint4 q = *reinterpret_cast<const uint4*>(&stage_codes[lc2][half * 16]);
+        const bool second = row_first + 16 < p.rows;  // rows % 16 == 0: the first 16 rows exist
+        if (second && p.rows % 32 == 0) {
+          *reinterpret_cast<uint4*>(dst) = q;
+        } else {
+          *reinterpret_cast<uint2*>(dst) = make_uint2(q.x, q.y);
+          if (second) *reinterpret_cast<uint2*>(dst + 8) = make_uint2(q.z, q.w);
+        }
+      }
+    } else if (t < 3 * kTile) {  // scales: the 4 blocks of output row c0 + lc2 in this tile
+      const int lc2 = t - 2 * kTile;
+      const int64_t col2 = c0 + lc2, b0 = r0 / kBlock;
+      if (col2 < p.cols) {
+        const int n = static_cast<int>(blocks_per_col - b0 < 4 ? blocks_per_col - b0 : 4);
+        if (p.swizzle) {
+          store_scales4(p.scales_t + swizzled_scale_index(col2, b0, blocks_per_col), stage_scales[lc2], n, true);
+        } else {
+          store_scales4(p.scales_t + col2 * blocks_per_col + b0, stage_scales[lc2], n, blocks_per_col % 4 == 0);
+        }
+      }
     }
   }
 }
