@@ -46,13 +46,14 @@ __device__ __forceinline__ uint2 pack_codes8(const uint8_t* packed) {
                     packed[4] | (packed[5] << 8) | (packed[6] << 16) | (uint32_t(packed[7]) << 24));
 }
 
-// Store the scale bytes of 4 adjacent blocks (4 x `scale` of lanes base..base+3 of the calling group):
-// one 4-byte store when all 4 exist and the destination is 4-byte aligned, else a byte per existing block.
-__device__ __forceinline__ void store_scales4(uint8_t* dst, const uint8_t* bytes, int valid, bool word_ok) {
+// Store the scale bytes of 4 adjacent blocks (byte j of `word` for block j): one 4-byte store when all 4
+// exist and the destination is 4-byte aligned, else a byte per existing block (shifts, not an array
+// indexed at run time, so that nothing goes to local memory).
+__device__ __forceinline__ void store_scales4(uint8_t* dst, uint32_t word, int valid, bool word_ok) {
   if (valid == 4 && word_ok) {
-    *reinterpret_cast<uint32_t*>(dst) = bytes[0] | (bytes[1] << 8) | (bytes[2] << 16) | (uint32_t(bytes[3]) << 24);
+    *reinterpret_cast<uint32_t*>(dst) = word;
   } else {
-    for (int i = 0; i < valid; ++i) dst[i] = bytes[i];
+    for (int i = 0; i < valid; ++i) dst[i] = static_cast<uint8_t>(word >> (8 * i));
   }
 }
 
@@ -61,7 +62,7 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(const T* __res
   __shared__ float tile[kTile][kTile + 1];    // +1: conflict-free column reads
   __shared__ float seg_amax[kTile][kTile / kBlock];  // amax of each 1x16 row segment (for 16x16 tiles)
   __shared__ __align__(16) uint8_t stage_codes[kTile][kStagePitch];  // columnwise codes of this tile
-  __shared__ uint8_t stage_scales[kTile][kTile / kBlock];            // columnwise scales of this tile
+  __shared__ __align__(4) uint8_t stage_scales[kTile][kTile / kBlock];  // columnwise scales of this tile
   const int t = threadIdx.x, lane = t & 31;
   // Row tiles in x (up to 2^31 - 1 blocks): the token count is the dimension that grows.
   const int64_t r0 = int64_t(blockIdx.x) * kTile, c0 = int64_t(blockIdx.y) * kTile;
@@ -101,16 +102,18 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(const T* __res
 #pragma unroll
         for (int i = 0; i < kBlock; ++i) block_amax = max_drop_nan(block_amax, seg_amax[tr + i][seg]);
       }
-      const Philox4 rand = p.stochastic ? sr_bits(p.seed, p.offset, 0, static_cast<uint64_t>(r * blocks_per_row + c / kBlock))
-                                        : Philox4{};
+      const uint64_t block = static_cast<uint64_t>(r * blocks_per_row + c / kBlock);
+      const Philox4 rand = p.stochastic ? sr_bits(p.seed, p.offset, 0, block) : Philox4{};
       scale = quantize_block16(v, block_amax, s_enc, s_dec, p.stochastic, rand, packed);
     }
     // Lanes 4k..4k+3 hold the 4 segments of one tile row: exchange so that wide stores can be used.
     const uint2 mine = pack_codes8(packed);
     const uint32_t next_x = __shfl_down_sync(kFullMask, mine.x, 1), next_y = __shfl_down_sync(kFullMask, mine.y, 1);
-    uint8_t row_scales[4];
+    uint32_t row_scales = 0;  // the scale bytes of this tile row's 4 segments, segment j in byte j
 #pragma unroll
-    for (int j = 0; j < 4; ++j) row_scales[j] = static_cast<uint8_t>(__shfl_sync(kFullMask, scale, (lane & ~3) + j));
+    for (int j = 0; j < 4; ++j) {
+      row_scales |= (__shfl_sync(kFullMask, uint32_t(scale), (lane & ~3) + j) & 0xFFu) << (8 * j);
+    }
     if (in_tile) {
       uint8_t* dst = p.codes + r * (p.cols / 2) + c / 2;
       if (p.cols % 32 == 0) {  // rows of 16-byte multiples: lane pairs (seg 0,1), (2,3) write 16 bytes
@@ -151,8 +154,8 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(const T* __res
 #pragma unroll
         for (int i = 0; i < kBlock; ++i) block_amax = max_drop_nan(block_amax, seg_amax[rb * kBlock + i][lc / kBlock]);
       }
-      const Philox4 rand = p.stochastic ? sr_bits(p.seed, p.offset, 1, static_cast<uint64_t>(col * blocks_per_col + row / kBlock))
-                                        : Philox4{};
+      const uint64_t block = static_cast<uint64_t>(col * blocks_per_col + row / kBlock);
+      const Philox4 rand = p.stochastic ? sr_bits(p.seed, p.offset, 1, block) : Philox4{};
       uint8_t packed[8];
       stage_scales[lc][rb] = quantize_block16(w, block_amax, s_enc, s_dec, p.stochastic, rand, packed);
       *reinterpret_cast<uint2*>(&stage_codes[lc][rb * 8]) = pack_codes8(packed);
@@ -177,10 +180,11 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(const T* __res
       const int64_t col2 = c0 + lc2, b0 = r0 / kBlock;
       if (col2 < p.cols) {
         const int n = static_cast<int>(blocks_per_col - b0 < 4 ? blocks_per_col - b0 : 4);
+        const uint32_t tile_scales = *reinterpret_cast<const uint32_t*>(stage_scales[lc2]);
         if (p.swizzle) {
-          store_scales4(p.scales_t + swizzled_scale_index(col2, b0, blocks_per_col), stage_scales[lc2], n, true);
+          store_scales4(p.scales_t + swizzled_scale_index(col2, b0, blocks_per_col), tile_scales, n, true);
         } else {
-          store_scales4(p.scales_t + col2 * blocks_per_col + b0, stage_scales[lc2], n, blocks_per_col % 4 == 0);
+          store_scales4(p.scales_t + col2 * blocks_per_col + b0, tile_scales, n, blocks_per_col % 4 == 0);
         }
       }
     }
