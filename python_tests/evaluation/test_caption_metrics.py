@@ -1,0 +1,85 @@
+"""CIDEr-D and BLEU against values worked out by hand from the COCO caption evaluation's definitions."""
+
+import math
+
+import pytest
+
+from vlcore.evaluation.caption_metrics import bleu, cider_d, ngram_counts, tokenize_caption
+
+LOG2 = math.log(2.0)
+
+
+def test_tokenize_caption_lowercases_and_drops_punctuation():
+    assert tokenize_caption("A dog's toy, on the GRASS.") == "a dog 's toy on the grass"
+    assert tokenize_caption("  Wait... a black-and-white cat!  ") == "wait a black-and-white cat"
+    assert tokenize_caption("") == ""
+
+
+def test_ngram_counts():
+    counts = ngram_counts("a b a b", 2)
+    assert counts[("a",)] == 2 and counts[("a", "b")] == 2 and counts[("b", "a")] == 1 and sum(counts.values()) == 7
+
+
+def test_cider_exact_match_two_images():
+    # df: "a" in both reference sets -> idf 0; every other n-gram in one of two -> idf log 2. Unigram and
+    # bigram cosines are 1, tri/4-grams do not exist (zero norm -> 0): (1 + 1 + 0 + 0) / 4 * 10 = 5.
+    score, per_image = cider_d(["a cat", "a dog"], [["a cat"], ["a dog"]])
+    assert per_image == pytest.approx([5.0, 5.0], abs=1e-12)
+    assert score == pytest.approx(5.0, abs=1e-12)
+
+
+def test_cider_length_penalty_counts_bigrams():
+    # "cat" vs "a cat": unigram cosine 1 ("a" has weight 0), no candidate bigram; 0 vs 1 bigram -> delta -1.
+    score, per_image = cider_d(["cat", "a dog"], [["a cat"], ["a dog"]])
+    first = 10.0 * math.exp(-1.0 / 72.0) / 4.0
+    assert per_image == pytest.approx([first, 5.0], abs=1e-12)
+    assert score == pytest.approx((first + 5.0) / 2.0, abs=1e-12)
+
+
+def test_cider_clips_repeated_ngrams():
+    # candidate "cat cat": unigram weight 2 log2, norm 2 log2; the reference's "cat" weighs log2.
+    # clipped: min(2 log2, log2) * log2 / (2 log2 * log2) = 1/2 (unclipped it would be 1); "cat cat" is
+    # unseen (df 0 -> idf log 2) and absent from the reference: 0. One bigram each: no penalty.
+    _, per_image = cider_d(["cat cat", "a dog"], [["a cat"], ["a dog"]])
+    assert per_image[0] == pytest.approx(10.0 * 0.5 / 4.0, abs=1e-12)
+
+
+def test_cider_averages_over_references():
+    # refs of image 0: "a cat" (cosines 1, 1) and "a dog": unigram "dog" only in the other reference and
+    # "cat" != "dog" -> 0. df: "a" 2, "cat" 1, "dog" 2 (both images' sets), "a cat" 1, "a dog" 2.
+    # Against "a cat": unigram cosine = 1; bigram "a cat" (log 2) cosine 1 -> 2/4 * 10 = 5; against
+    # "a dog" all weights of the reference are 0 (df 2 of 2 images) -> 0. Mean over the 2 references: 2.5.
+    _, per_image = cider_d(["a cat", "a dog"], [["a cat", "a dog"], ["a dog"]])
+    assert per_image[0] == pytest.approx(2.5, abs=1e-12)
+
+
+def test_cider_single_image_corpus_is_zero():
+    # log(1) - log(df) <= 0 for every n-gram: the idf of a one-image corpus is 0, as in pycocoevalcap.
+    assert cider_d(["a red circle"], [["a red circle"]])[0] == 0.0
+
+
+def test_bleu_hand_computed():
+    # "a cat sat" vs {"a cat sat down", "the cat"}: precisions 3/3, 2/2, 1/1, 0/0 -> the 4-gram term is
+    # (1e-15) / (1e-9) as in the reference scorer; closest reference length: 4 and 2 tie at 1 -> 2 (< 3,
+    # no brevity penalty).
+    scores = bleu(["a cat sat"], [["a cat sat down", "the cat"]])
+    assert scores[:3] == pytest.approx([1.0, 1.0, 1.0], abs=1e-9)
+    assert scores[3] == pytest.approx((1e-15 / 1e-9) ** 0.25, rel=1e-6)
+
+
+def test_bleu_brevity_penalty_and_clipping_over_the_corpus():
+    assert bleu(["cat"], [["the cat sat"]], n=1)[0] == pytest.approx(math.exp(1 - 3), rel=1e-8)  # up to the 1e-9 guards
+    # "the the the the" vs "the cat": "the" clipped to 1 of 4; "a dog" exact. Corpus p1 = 3/6, p2 = 1/4
+    # ("the the" x3 unmatched + "a dog"); c = 6 > r = 2 + 2.
+    scores = bleu(["the the the the", "a dog"], [["the cat"], ["a dog"]], n=2)
+    assert scores == pytest.approx([0.5, math.sqrt(0.5 * 0.25)], rel=1e-9)
+
+
+@pytest.mark.parametrize("metric", [cider_d, bleu])
+def test_bad_input_names_the_argument(metric):
+    with pytest.raises(ValueError, match="references"):
+        metric(["a"], [])
+    with pytest.raises(ValueError, match=r"references\[0\]"):
+        metric(["a"], ["a"])
+    with pytest.raises(ValueError, match="no candidates"):
+        metric([], [])
