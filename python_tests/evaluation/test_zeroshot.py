@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from vlcore.evaluation.zeroshot import (SHAPES_TEMPLATES, classification_metrics, evaluate_zero_shot, format_prompt,
-                                        image_folder_set, shapes_classes, shapes_classification_set,
-                                        zero_shot_classifier)
+from vlcore.evaluation.zeroshot import (SHAPES_TEMPLATES, classification_metrics, evaluate_shapes_zero_shot,
+                                        evaluate_zero_shot, format_prompt, image_folder_set, shapes_classes,
+                                        shapes_classification_set, zero_shot_classifier)
 from vlcore.models import create_model
 from vlcore.models.tokenizer import ByteTokenizer
 from vlcore.train import synthetic
@@ -113,12 +113,9 @@ def test_image_folder_set(tmp_path):
 
 def test_clip_runs_on_the_shapes_classes():
     model = create_model("clip-tiny").eval()
-    images, labels = shapes_classification_set(seed=0, size=24, image_size=model.image_size)
     transform = ImageTransform(model.image_size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    batch = torch.stack([transform(im) for im in images])
-    classnames, held_out, seen = shapes_classes()
-    metrics = evaluate_zero_shot(model, batch, labels, classnames, SHAPES_TEMPLATES, ByteTokenizer(), model.context_length,
-                                 class_groups={"held_out": held_out, "seen": seen})
+    metrics = evaluate_shapes_zero_shot(model, transform, ByteTokenizer(), model.context_length, size=24)
+    assert metrics["zeroshot_images"] == 24 and metrics["zeroshot_classes"] == 24
     for key in ("top1_accuracy", "top5_accuracy", "mean_per_class_recall", "top1_accuracy_held_out", "top1_accuracy_seen"):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["top1_accuracy"] <= metrics["top5_accuracy"]

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from vlcore.evaluation.retrieval import encode_in_batches
 
 __all__ = ["format_prompt", "zero_shot_classifier", "classification_metrics", "evaluate_zero_shot",
-           "shapes_classes", "SHAPES_TEMPLATES", "shapes_classification_set", "image_folder_set"]
+           "shapes_classes", "SHAPES_TEMPLATES", "shapes_classification_set", "evaluate_shapes_zero_shot",
+           "image_folder_set"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -162,3 +163,15 @@ def image_folder_set(root: str, transform: Callable) -> tuple[torch.Tensor, torc
     if not images:
         raise ValueError(f"image_folder_set: no images under {root!r} (expected root/<class>/<image>)")
     return torch.stack(images), torch.tensor(labels), [f.replace("_", " ") for f in folders]
+
+
+def evaluate_shapes_zero_shot(model, transform: Callable, tokenizer, context_length: int, *, seed: int = 0,
+                              size: int = 240, image_size: Optional[int] = None, **kwargs) -> dict:
+    """:func:`evaluate_zero_shot` on :func:`shapes_classification_set` (``size`` images, every class alike)
+    with the :data:`SHAPES_TEMPLATES`, adding ``top1_accuracy_held_out`` / ``top1_accuracy_seen``: the
+    held-out pairs' classes against the pairs seen in training. ``transform(uint8 array) -> [3, S, S]``."""
+    classnames, held_out, seen = shapes_classes()
+    raw, labels = shapes_classification_set(seed, size, image_size or model.image_size)
+    images = torch.stack([transform(image) for image in raw])
+    return evaluate_zero_shot(model, images, labels, classnames, SHAPES_TEMPLATES, tokenizer, context_length,
+                              class_groups={"held_out": held_out, "seen": seen}, **kwargs)
