@@ -27,12 +27,14 @@ __all__ = ["generate_captions", "ShapesCaption", "parse_shapes_caption", "attrib
 
 @torch.no_grad()
 def generate_captions(model, images: torch.Tensor, tokenizer, *, prompt: str = "", max_new_tokens: Optional[int] = None,
-                      batch_size: int = 32, device: Optional[torch.device] = None, autocast=nullcontext) -> list[str]:
-    """Greedy captions of ``images [N, 3, H, W]`` from a captioner's ``generate`` (decoding stops at the
-    tokenizer's end-of-text). The trainer's sequences are ``[image tokens] caption <eot>``, so the default
-    prompt is empty; ``max_new_tokens`` defaults to what the context leaves after the image tokens."""
-    if batch_size < 1:
-        raise ValueError(f"generate_captions: batch_size must be >= 1, got {batch_size}")
+                      num_beams: int = 1, batch_size: int = 32, device: Optional[torch.device] = None,
+                      autocast=nullcontext) -> list[str]:
+    """Captions of ``images [N, 3, H, W]``: greedy (the captioner's ``generate``) or, with ``num_beams > 1``,
+    beam search (``beam_search``, length penalty 1); decoding stops at the tokenizer's end-of-text. The
+    trainer's sequences are ``[image tokens] caption <eot>``, so the default prompt is empty;
+    ``max_new_tokens`` defaults to what the context leaves after the image tokens."""
+    if batch_size < 1 or num_beams < 1:
+        raise ValueError(f"generate_captions: batch_size and num_beams must be >= 1, got {batch_size}, {num_beams}")
     prompt_ids = tokenizer.encode(prompt) if prompt else []
     if max_new_tokens is None:
         max_new_tokens = model.config.text_cfg.context_length - model.num_image_tokens - len(prompt_ids)
@@ -41,8 +43,12 @@ def generate_captions(model, images: torch.Tensor, tokenizer, *, prompt: str = "
         for start in range(0, images.shape[0], batch_size):
             chunk = images[start : start + batch_size]
             chunk = chunk.to(device) if device is not None else chunk
-            ids = model.generate(chunk, [prompt_ids] * chunk.shape[0], max_new_tokens=max_new_tokens,
-                                 eos_token_id=tokenizer.eot_id)
+            prompts = [prompt_ids] * chunk.shape[0]
+            if num_beams > 1:
+                ids = [seq for seq, _ in model.beam_search(chunk, prompts, num_beams=num_beams,
+                                                           max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eot_id)]
+            else:
+                ids = model.generate(chunk, prompts, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eot_id)
             captions.extend(tokenizer.decode(seq).strip() for seq in ids)
     return captions
 
@@ -151,11 +157,11 @@ def caption_metrics(generated: Sequence[str], references: Sequence[Sequence[str]
 
 def evaluate_captioning(model, images: torch.Tensor, references: Sequence[Sequence[str]], tokenizer, *,
                         shapes: bool = False, prompt: str = "", max_new_tokens: Optional[int] = None,
-                        batch_size: int = 32, device: Optional[torch.device] = None,
+                        num_beams: int = 1, batch_size: int = 32, device: Optional[torch.device] = None,
                         autocast=nullcontext) -> tuple[dict, list[str]]:
-    """Greedy captions of ``images`` and their :func:`caption_metrics`: ``(metrics, captions)``."""
+    """:func:`generate_captions` of ``images`` and their :func:`caption_metrics`: ``(metrics, captions)``."""
     if images.shape[0] != len(references):
         raise ValueError(f"evaluate_captioning: {images.shape[0]} images but references has {len(references)} entries")
     generated = generate_captions(model, images, tokenizer, prompt=prompt, max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size, device=device, autocast=autocast)
+                                  num_beams=num_beams, batch_size=batch_size, device=device, autocast=autocast)
     return caption_metrics(generated, references, shapes=shapes), generated
