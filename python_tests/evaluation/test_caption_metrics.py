@@ -83,3 +83,36 @@ def test_bad_input_names_the_argument(metric):
         metric(["a"], ["a"])
     with pytest.raises(ValueError, match="no candidates"):
         metric([], [])
+
+
+# Published values of the COCO caption scorers on known inputs.
+
+# Yale-LILY/SummEval, evaluation/tests/test_cider.py + summ_eval/test_util.py: the coco-caption CIDEr-D scorer
+# on three whitespace-split (untokenised) candidate/reference pairs gives 2.5759014911864084.
+SUMMEVAL_CANDIDATES = [
+    "28-year-old chef found dead in San Francisco mall",
+    "A 28-year-old chef who recently moved to San Francisco was found dead in the staircase of a local shopping center.",
+    "The victim's brother said he cannot imagine anyone who would want to harm him,\"Finally, it went uphill again at him.\"",
+]
+SUMMEVAL_REFERENCES = [
+    "28-Year-Old Chef Found Dead at San Francisco Mall",
+    "A 28-year-old chef who had recently moved to San Francisco was found dead in the stairwell of a local mall this week.",
+    "But the victim's brother says he can't think of anyone who would want to hurt him, saying, \"Things were finally going well for him.\"",
+]
+
+
+def test_cider_published_summeval_value():
+    score, _ = cider_d(SUMMEVAL_CANDIDATES, [[r] for r in SUMMEVAL_REFERENCES])
+    assert score == pytest.approx(2.5759014911864084, abs=1e-12)
+
+
+def test_published_perfect_and_wrong_captions():
+    # irisml-tasks-training's test of its pycocoevalcap wrapper: identical captions give BLEU 1 and CIDEr 10
+    # (every n-gram order's cosine is 1 and idf > 0 in a two-image corpus); disjoint words give 0.
+    references = [["Hello World good Bye"], ["This is perfect test", "This is perfect test"]]
+    for candidates, want_bleu, want_cider in ((["Hello World Good bye", "This is perfect test"], 1.0, 10.0),
+                                              (["How are you today", "Only wrong words here"], 0.0, 0.0)):
+        cands = [tokenize_caption(c) for c in candidates]
+        refs = [[tokenize_caption(r) for r in rs] for rs in references]
+        assert bleu(cands, refs) == pytest.approx([want_bleu] * 4, abs=1e-7)
+        assert cider_d(cands, refs)[0] == pytest.approx(want_cider, abs=1e-12)
