@@ -1,4 +1,5 @@
-"""CIDEr-D and BLEU against values worked out by hand from the COCO caption evaluation's definitions."""
+"""CIDEr-D, BLEU and the caption tokenizer against values worked out by hand from the COCO caption
+evaluation's definitions and against the values its reference implementation (pycocoevalcap) gives."""
 
 import math
 
@@ -11,6 +12,7 @@ LOG2 = math.log(2.0)
 
 def test_tokenize_caption_lowercases_and_drops_punctuation():
     assert tokenize_caption("A dog's toy, on the GRASS.") == "a dog 's toy on the grass"
+    assert tokenize_caption("A dog's toy (new).") == "a dog 's toy -lrb- new -rrb-"
     assert tokenize_caption("  Wait... a black-and-white cat!  ") == "wait a black-and-white cat"
     assert tokenize_caption("") == ""
 
@@ -116,3 +118,76 @@ def test_published_perfect_and_wrong_captions():
         refs = [[tokenize_caption(r) for r in rs] for rs in references]
         assert bleu(cands, refs) == pytest.approx([want_bleu] * 4, abs=1e-7)
         assert cider_d(cands, refs)[0] == pytest.approx(want_cider, abs=1e-12)
+
+
+# pycocoevalcap 1.2 (the COCO caption evaluation: Stanford PTBTokenizer in Java, Bleu(4), Cider), run on the
+# captions below; its outputs are recorded here so that the comparison runs without Java or the package.
+PTB_CASES = {
+    "A man riding a wave on top of a surfboard.": "a man riding a wave on top of a surfboard",
+    "A woman (in a red dress) holding an umbrella": "a woman -lrb- in a red dress -rrb- holding an umbrella",
+    "There's a cat that can't sit still; it's on the sofa.": "there 's a cat that ca n't sit still it 's on the sofa",
+    "A black-and-white photo of a train -- at 5:30 p.m.": "a black-and-white photo of a train at 5:30 p.m.",
+    "Kids' toys on the floor, next to a \"big\" box.": "kids toys on the floor next to a big box",
+    "An elephant's trunk... eating hay?": "an elephant 's trunk eating hay",
+    "Don't walk: a sign on the street": "do n't walk a sign on the street",
+    "A 'vintage' car parked {outside}": "a vintage car parked -lcb- outside -rcb-",
+    "People at the U.S. embassy in 2010.": "people at the u.s. embassy in 2010",
+    "The bus is red & white.": "the bus is red & white",
+    "We're sure they'll come, I'm told; you'd see.": "we 're sure they 'll come i 'm told you 'd see",
+    "A [small] dog's bowl, isn't it?": "a -lsb- small -rsb- dog 's bowl is n't it",
+}
+COCO_STYLE_REFERENCES = [
+    ["A man riding a wave on top of a surfboard.", "A surfer rides a large wave in the ocean.",
+     "Man on a surfboard riding an ocean wave!"],
+    ["Two dogs playing with a frisbee in the park.", "A pair of dogs chase a frisbee on the grass."],
+    ["A woman (in a red dress) holding an umbrella.", "A lady with an umbrella in the rain.",
+     "Woman in red holds an umbrella; it's raining."],
+    ["There's a cat that can't sit still on the sofa.", "A cat lying on a couch.", "A grey cat on the sofa."],
+    ["A black-and-white photo of a train at 5:30 p.m.", "An old train at the station."],
+    ["A plate of food with broccoli and rice.", "Rice, broccoli and chicken on a white plate.", "A healthy meal on a plate."],
+]
+COCO_STYLE_CANDIDATES = ["a man riding a wave on a surfboard", "two dogs playing frisbee in a park",
+                         "a woman holding an umbrella in the rain", "a cat sitting on a couch", "a train at the station",
+                         "a plate of rice and broccoli"]
+PYCOCOEVALCAP_BLEU = [0.9045498991251116, 0.7855263676102094, 0.6743637631940371, 0.5277883381873475]
+PYCOCOEVALCAP_CIDER = [3.4262178352501453, 2.3359430745374627, 2.9587934466221437, 1.668605904429584,
+                       4.1466316580883325, 2.179965114969459]  # mean 2.7860261723161877
+
+
+@pytest.mark.parametrize("raw", list(PTB_CASES))
+def test_tokenizer_matches_the_coco_ptb_tokenizer(raw):
+    assert tokenize_caption(raw) == PTB_CASES[raw]
+
+
+def test_scores_match_pycocoevalcap_on_coco_style_captions():
+    candidates = [tokenize_caption(c) for c in COCO_STYLE_CANDIDATES]
+    references = [[tokenize_caption(r) for r in refs] for refs in COCO_STYLE_REFERENCES]
+    assert bleu(candidates, references) == pytest.approx(PYCOCOEVALCAP_BLEU, abs=1e-12)
+    score, per_image = cider_d(candidates, references)
+    assert per_image == pytest.approx(PYCOCOEVALCAP_CIDER, abs=1e-12)
+    assert score == pytest.approx(2.7860261723161877, abs=1e-12)
+
+
+def test_live_against_pycocoevalcap_when_installed():
+    """Random corpora through the reference scorers themselves (skipped without pycocoevalcap and Java)."""
+    import random
+    import shutil
+
+    pytest.importorskip("pycocoevalcap")
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    rng = random.Random(0)
+    vocab = "a the red dog cat on sits big small runs park".split()
+    for _ in range(50):
+        n = rng.randint(2, 6)
+        refs = [[" ".join(rng.choices(vocab, k=rng.randint(1, 9))) for _ in range(rng.randint(1, 4))] for _ in range(n)]
+        cands = [" ".join(rng.choices(vocab, k=rng.randint(1, 9))) for _ in range(n)]
+        gts, res = dict(enumerate(refs)), {i: [c] for i, c in enumerate(cands)}
+        assert bleu(cands, refs) == pytest.approx(Bleu(4).compute_score(gts, res, verbose=0)[0], abs=1e-12)
+        assert cider_d(cands, refs)[0] == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-12)
+    if shutil.which("java"):
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        tokenized = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(PTB_CASES)})
+        assert [tokenize_caption(c) for c in PTB_CASES] == [tokenized[i][0] for i in range(len(PTB_CASES))]

@@ -3,8 +3,8 @@
 Both follow the reference scorers' arithmetic exactly (docs/evaluation.md, 'Caption metrics'), so scores
 are comparable with published COCO numbers when the captions are tokenised alike. ``pycocoevalcap`` itself
 is not a dependency: its tokenizer runs the Stanford PTB tokenizer in Java. :func:`tokenize_caption` is a
-pure-Python stand-in (lowercase, punctuation split off and dropped, as the COCO tokenizer does); on plain
-ASCII captions such as the embedded data's it gives the same tokens.
+pure-Python stand-in for that step (tested token for token against it on COCO-style captions); on plain
+ASCII captions such as the embedded data's the two agree.
 
 Inputs are parallel lists: ``candidates[i]`` (one generated caption) against ``references[i]`` (one or
 more reference captions of the same image).
@@ -19,17 +19,22 @@ from typing import Sequence
 
 __all__ = ["tokenize_caption", "ngram_counts", "cider_d", "bleu"]
 
-# The tokens the COCO evaluation's PTB tokenizer step removes after splitting.
-_PUNCTUATION = {"''", "'", "``", "`", "-lrb-", "-rrb-", "-lcb-", "-rcb-", ".", "?", "!", ",", ":", "-", "--",
-                "...", ";"}
-# Split punctuation (a run of the same mark stays one token, "..." / "--") and clitics off the words.
-_TOKEN = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[a-z0-9]+(?:-[a-z0-9]+)*|\.\.\.|--|\S")
+# The tokens the COCO evaluation removes after PTB tokenisation (lowercased; a straight double quote is what
+# PTB turns into `` / '' first). Its list spells brackets in upper case, so -lrb- / -rrb- survive, as here.
+_PUNCTUATION = {"''", "'", "``", "`", '"', ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "{": "-lcb-", "}": "-rcb-", "[": "-lsb-", "]": "-rsb-"}
+# PTB's splits on lowercased text: "can't" -> "ca n't", clitics ('s 're 've 'm 'll 'd) apart, dotted
+# abbreviations ("u.s.", "p.m.") and hyphen / colon compounds ("black-and-white", "5:30") whole, a
+# sentence-final period apart, every other symbol alone.
+_TOKEN = re.compile(r"""[a-z0-9]+(?=n't(?![a-z]))|n't(?![a-z])|'(?:s|re|ve|m|ll|d)(?![a-z])
+                        |[a-z0-9]+(?:\.[a-z0-9]+)+\.?|[a-z0-9]+(?:[-:][a-z0-9]+)*|\.\.\.|--|\S""", re.X)
 
 
 def tokenize_caption(text: str) -> str:
-    """Lowercased tokens joined by single spaces, punctuation dropped: ``"A dog's toy."`` ->
-    ``"a dog 's toy"``."""
-    return " ".join(t for t in _TOKEN.findall(text.lower()) if t not in _PUNCTUATION)
+    """Lowercased PTB-style tokens joined by single spaces, punctuation dropped: ``"A dog's toy (new)."`` ->
+    ``"a dog 's toy -lrb- new -rrb-"``."""
+    tokens = (_BRACKETS.get(t, t) for t in _TOKEN.findall(text.lower()))
+    return " ".join(t for t in tokens if t not in _PUNCTUATION)
 
 
 def ngram_counts(text: str, n: int = 4) -> Counter:
