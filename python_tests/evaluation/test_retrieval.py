@@ -74,6 +74,8 @@ def test_bad_inputs():
         retrieval_recall(SIMILARITY, torch.tensor([0, 1, 3]))
     with pytest.raises(ValueError, match="k must be"):
         itm_rerank_recall(SIMILARITY, TEXT_TO_IMAGE, oracle, k=0)
+    with pytest.raises(ValueError, match="ks"):
+        retrieval_recall(SIMILARITY, TEXT_TO_IMAGE, ks=(0, 1))
     with pytest.raises(ValueError, match="ITM head"):
         fusion_pair_scorer(create_model("clip-tiny"), torch.zeros(1, 3, 32, 32), torch.zeros(1, 4, dtype=torch.long))
 

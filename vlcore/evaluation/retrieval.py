@@ -44,6 +44,8 @@ def ranking(scores: torch.Tensor) -> torch.Tensor:
 
 def hits_at_k(order: torch.Tensor, positive: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
     """Fraction of queries with a positive among their first k candidates of ``order``, for each k."""
+    if any(k < 1 for k in ks):
+        raise ValueError(f"hits_at_k: every k in ks must be >= 1, got {list(ks)}")
     ranked_positive = positive.gather(1, order)
     return {k: ranked_positive[:, : min(k, order.shape[1])].any(dim=1).float().mean().item() for k in ks}
 
