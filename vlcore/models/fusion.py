@@ -148,6 +148,17 @@ class FusionModel(nn.Module):
         image_tokens, text_states = self.upper(self.lower_image(images), self.lower_text(tokens), text_lengths, fuse=True)
         return self.itm_logits(image_tokens, text_states, tokens).softmax(dim=-1)[:, 1]
 
+    def pair_itm_logits(self, image_lower, text_lower, tokens: torch.Tensor, image_index: torch.Tensor,
+                        text_index: torch.Tensor) -> torch.Tensor:
+        """``[P, 2]`` ITM logits of the pairs ``(image_index[p], text_index[p])`` from :meth:`lower_image` /
+        :meth:`lower_text` states computed once per image and text (``tokens`` are the texts'). As for ITM
+        negatives, the first fused layer reads each image's and text's K/V once through ``context_index``
+        (the attention's ``kv_segment``), so a candidate shared by k pairs is never copied k times."""
+        text_lengths = self.text.key_lengths(tokens)
+        fused_image, fused_text = self.upper(image_lower, text_lower, text_lengths, fuse=True,
+                                             image_index=image_index, text_index=text_index)
+        return self.itm_logits(fused_image, fused_text, tokens[text_index])
+
     def sample_negatives(self, similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One negative text per image and one negative image per text, drawn (no grad) with probability
         ``softmax(similarity)`` over the other items of the batch (uniform when hard negatives are off)."""
