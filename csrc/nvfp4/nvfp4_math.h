@@ -1,7 +1,7 @@
 #pragma once
 // NVFP4 arithmetic shared by the CPU reference and the CUDA kernels, so that both produce the same bits.
 //
-// Everything here follows docs/nvfp4.md, 'Quantization arithmetic' (TransformerEngine's default, non
+// Everything here follows docs/nvfp4.md, 'Scale computation' (TransformerEngine's default, non
 // fast-math path): FP32 throughout, the block scale as amax_b * (S_enc * fl32(1/6)), the element scale from the
 // *quantized* block scale, E2M1 round-to-nearest-even with saturation. Every product below is a single
 // IEEE multiply: no expression has the shape a*b+c with an inexact product, so FMA contraction by nvcc
@@ -228,7 +228,7 @@ NVFP4_HD void decode_block16_bf16(uint32_t q0, uint32_t q1, uint8_t scale, uint3
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Scales (docs/nvfp4.md, 'Quantization arithmetic').
+// Scales (docs/nvfp4.md, 'Scale computation').
 
 // S_enc = fminf(2688 / amax, FLT_MAX), 1 when amax == 0 or the quotient is 0 (amax = Inf). A NaN or
 // negative amax (only a caller-supplied one can be) gives NaN: every block scale becomes the E4M3 NaN

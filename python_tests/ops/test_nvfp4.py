@@ -224,7 +224,7 @@ def test_nvfp4_e4m3_scale_rounding_matches_torch_cast():
 def test_nvfp4_block_scale_product_order(device):
     # sb = e4m3(amax_b * (S_enc * fl32(1/6))) in exactly that order: (amax_b * S_enc) * (1/6) or
     # (amax_b / 6) * S_enc round twice and flip the E4M3 rounding of ~0.1 % of blocks
-    # (docs/nvfp4.md, 'Quantization arithmetic').
+    # (docs/nvfp4.md, 'Scale computation').
     # Take every BF16 block amax in (0, amax] for a few tensor amaxes and keep the order-sensitive ones.
     f32 = torch.float32
     one_sixth = torch.tensor(1.0) / torch.tensor(6.0)
@@ -278,7 +278,7 @@ def test_nvfp4_swizzled_scale_layout(device):
     for p, s in zip(plain, swz):
         assert torch.equal(p.codes, s.codes)
         assert torch.equal(swizzle_scales_ref(p.scales.cpu()), s.scales.cpu())
-    # the index formula of docs/nvfp4.md, 'Layouts', element by element
+    # the index formula of docs/nvfp4.md, 'Swizzled scale layout', element by element
     flat, sp = swz.rowwise.scales.cpu().reshape(-1), plain.rowwise.scales.cpu()
     for i, j in [(0, 0), (1, 0), (31, 3), (32, 0), (127, 4), (128, 1), (200, 4), (271, 2)]:
         idx = ((i // 128) * 2 + j // 4) * 512 + (i % 128 % 32) * 16 + (i % 128 // 32) * 4 + j % 4

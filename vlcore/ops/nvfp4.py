@@ -1,7 +1,7 @@
 """NVFP4 ops: quantize (with optional 16-point random Hadamard transform and stochastic rounding),
 dequantize, the NVFP4 GEMM, and the Hadamard transform alone.
 
-The arithmetic is docs/nvfp4.md, 'Quantization arithmetic' (TransformerEngine's default path, bit for
+The arithmetic is docs/nvfp4.md, 'Scale computation' (TransformerEngine's default path, bit for
 bit): for a tensor ``x`` with ``amax = max|x|``,
 
 - ``S_enc = fminf(2688 / amax, FLT_MAX)`` (1 when ``amax`` is 0 or Inf), ``S_dec = 1 / S_enc``;
@@ -9,7 +9,7 @@ bit): for a tensor ``x`` with ``amax = max|x|``,
   ``sb = e4m3_rne_satfinite(amax_b * (S_enc * fl32(1/6)))``, then ``enc_b = fminf(1 / (sb * S_dec), FLT_MAX)``;
 - per element: ``q = e2m1(x * enc_b)``, round-to-nearest-even with saturation to ±6, or stochastic.
 
-Layouts (docs/nvfp4.md, 'Layouts'): codes are uint8 ``[R, C/2]`` with the even element in the low nibble; scales are the E4M3
+Layouts (docs/nvfp4.md, 'Packing', 'Swizzled scale layout'): codes are uint8 ``[R, C/2]`` with the even element in the low nibble; scales are the E4M3
 bytes as uint8 ``[R, C/16]`` (view them with :func:`NVFP4Tensor.scales_e4m3`), or the swizzled 128x4 layout
 padded to ``[roundup(R, 128), roundup(C/16, 4)]``; amax is a 0-d float32 tensor. The columnwise copy is
 stored transposed: it quantizes ``x^T`` (``[C, R]``, blocks of 16 along ``R``). The two scale layouts can
