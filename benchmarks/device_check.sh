@@ -21,10 +21,10 @@
 # /tmp/device_check_site when present. open_clip, the peer of the CLIP training step, was fetched with:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.2.13
-# (open_clip_torch is pure Python; its other needs, timm, huggingface_hub, regex, safetensors, tqdm and
-# torchvision, are in the image.) Environment: PYTHON (default python3), VLCORE_CUDA_ARCH_LIST (default 9.0a),
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.2.13
+# (all three are pure Python, 1.6 MB; open_clip's other needs, timm, huggingface_hub, regex, safetensors,
+# tqdm and torchvision, are in the image.) The device tool then carries .whl with the call. Environment: PYTHON (default python3), VLCORE_CUDA_ARCH_LIST (default 9.0a),
 # DEVICE_CHECK_DRY_RUN=1 (= --dry-run), DEVICE_CHECK_BUDGET (= --budget), DEVICE_CHECK_STEPS (a space-
 # separated subset of the step names below, for a quick rerun of a few steps).
 set -uo pipefail
