@@ -55,9 +55,11 @@ def run_open_clip(preset: str, batch: int, steps: int, log_every: int, device: s
     model = open_clip.create_model(OPEN_CLIP_MODEL[preset], output_dict=True).to(dev)
     loss_fn = open_clip.ClipLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=dev.type == "cuda")
-    size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
+    size = getattr(model.visual, "image_size", 224)
+    size = size[0] if isinstance(size, (tuple, list)) else size
     images = torch.randn(batch, 3, size, size, device=dev)
-    tokens = torch.randint(1, model.vocab_size, (batch, model.context_length), device=dev)
+    # CLIP's BPE vocabulary and context length, open_clip's defaults for these models
+    tokens = torch.randint(1, getattr(model, "vocab_size", 49408), (batch, getattr(model, "context_length", 77)), device=dev)
 
     def step():
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
