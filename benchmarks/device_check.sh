@@ -251,8 +251,11 @@ step_sass() {
   cuobjdump -sass "$so" > "$WORK/vlcore.sass" 2>&1 || { detail "cuobjdump failed"; return 1; }
   "$PYTHON" - "$WORK/vlcore.sass" > "$OUT/sass.txt" <<'EOF'
 import re, sys
-# Instruction counts per family (the family is read off the kernel's mangled name).
-families = ["seq_pack", "scatter_image", "attention", "tome", "token_pool", "token_grid", "patch_merge", "nvfp4"]
+# Instruction counts per family (the family is read off the kernel's mangled name, which holds the source
+# file's name for kernels in an anonymous namespace).
+families = {"seq_pack": ("seq_pack", "seq_unpack", "scatter_image", "image_row_map"),
+            "attention": ("attention", "attn"), "tome": ("tome",),
+            "token_grid": ("token_grid", "token_pool", "patch_merge"), "nvfp4": ("nvfp4", "hadamard")}
 ops = {"LDGSTS (cp.async)": r"\bLDGSTS", "LDSM (ldmatrix)": r"\bLDSM", "HMMA": r"\bHMMA", "HGMMA": r"\bHGMMA",
        "LDG.E.128": r"\bLDG\.E\.128", "STG.E.128": r"\bSTG\.E\.128", "LDL/STL (spills)": r"\b(LDL|STL)\b"}
 counts, kernels, family = {}, {}, None
@@ -260,7 +263,7 @@ for line in open(sys.argv[1], errors="replace"):
     m = re.search(r"Function : (\S+)", line)
     if m:
         name = m.group(1).lower()
-        family = next((f for f in families if f in name), "other")
+        family = next((f for f, keys in families.items() if any(k in name for k in keys)), "other")
         kernels[family] = kernels.get(family, 0) + 1
         continue
     if family:
