@@ -1,10 +1,10 @@
 """Model-level benchmarks: CLIP train step (with and without ToMe), FIBER fusion step with ITM hard
 negatives (shared K/V vs copied negatives), and the chunked contrastive loss's peak memory at a 32k batch.
 
-    python benchmarks/bench_models.py                  # full sizes (GPU): ViT-B/16 batch 256 bf16, fiber-base, 32k loss
-    python benchmarks/bench_models.py --check          # the device check: the goal rows, eager peers, few reps
-    python benchmarks/bench_models.py --quick          # tiny sizes, seconds on CPU
-    python benchmarks/bench_models.py --part clip      # one part: clip | fusion | loss
+    python3 benchmarks/bench_models.py                  # full sizes (GPU): ViT-B/16 batch 256 bf16, fiber-base, 32k loss
+    python3 benchmarks/bench_models.py --check          # the device check: the goal rows, eager peers, few reps
+    python3 benchmarks/bench_models.py --quick          # tiny sizes, seconds on CPU
+    python3 benchmarks/bench_models.py --part clip      # one part: clip | fusion | loss
 
 The full run compiles ViT-B/16 twice (torch and open_clip peers), which takes minutes. ``--check`` fits the
 device check's budget: it compiles nothing, so its CLIP peers are open_clip (where it imports) and the torch

@@ -1,9 +1,9 @@
 """Sequence packing: op bandwidth against the copy ceiling, and planner padding waste.
 
-    python benchmarks/bench_seq_pack.py            # full sizes (GPU)
-    python benchmarks/bench_seq_pack.py --check    # the device check: C = 4096 alone, few reps
-    python benchmarks/bench_seq_pack.py --quick    # seconds, on CPU
-    python benchmarks/bench_seq_pack.py --part planner   # the planner alone (host-only, any machine)
+    python3 benchmarks/bench_seq_pack.py            # full sizes (GPU)
+    python3 benchmarks/bench_seq_pack.py --check    # the device check: C = 4096 alone, few reps
+    python3 benchmarks/bench_seq_pack.py --quick    # seconds, on CPU
+    python3 benchmarks/bench_seq_pack.py --part planner   # the planner alone (host-only, any machine)
 
 Ops are bandwidth-bound, so each is reported against its byte floor (every byte it must read or write,
 once) as GB/s and as a fraction of a device-to-device copy of the same size measured in the same run

@@ -1,8 +1,8 @@
 """Token grids: token pooling (bilinear / average) and the 2x2 patch merger against PyTorch and the copy ceiling.
 
-    python benchmarks/bench_token_grid.py            # full sizes (GPU, bf16)
-    python benchmarks/bench_token_grid.py --check    # the device check: one shape per goal row, few reps
-    python benchmarks/bench_token_grid.py --quick    # tiny sizes, seconds on CPU
+    python3 benchmarks/bench_token_grid.py            # full sizes (GPU, bf16)
+    python3 benchmarks/bench_token_grid.py --check    # the device check: one shape per goal row, few reps
+    python3 benchmarks/bench_token_grid.py --quick    # tiny sizes, seconds on CPU
 
 Peers, measured in the same run: PyTorch's ``F.adaptive_avg_pool2d`` / ``F.interpolate`` / reshape-permute
 (``vlcore.nn.backend`` with ``impl="torch"``). Byte floor: pooling reads the grid once and writes the pooled

@@ -1,10 +1,10 @@
 """ToMe (token merging): matching + merge against ToMe's PyTorch algorithm, and a 12-layer ViT-B/16 train step
 with and without ToMe.
 
-    python benchmarks/bench_tome.py                 # full sizes (GPU, bf16)
-    python benchmarks/bench_tome.py --check         # the device check: one shape per goal row, few reps
-    python benchmarks/bench_tome.py --quick         # tiny sizes, seconds on CPU
-    python benchmarks/bench_tome.py --part tome     # one part: tome | vit
+    python3 benchmarks/bench_tome.py                 # full sizes (GPU, bf16)
+    python3 benchmarks/bench_tome.py --check         # the device check: one shape per goal row, few reps
+    python3 benchmarks/bench_tome.py --quick         # tiny sizes, seconds on CPU
+    python3 benchmarks/bench_tome.py --part tome     # one part: tome | vit
 
 Peer, measured in the same run: ToMe's ``bipartite_soft_matching`` + ``merge_wavg`` in plain PyTorch
 (``vlcore.nn.backend`` with ``impl="torch"``, the same code as facebookresearch/ToMe).

@@ -2,9 +2,9 @@
 tensors (``--synthetic-benchmark``), samples/s and peak memory, vlcore kernels vs plain torch, and
 open_clip's own training step where open_clip imports.
 
-    python benchmarks/bench_train.py            # clip-b16, batch 256, 60 steps per provider (GPU)
-    python benchmarks/bench_train.py --check    # the device check: 24 steps per provider
-    python benchmarks/bench_train.py --quick    # the tiny CLIP on CPU, seconds
+    python3 benchmarks/bench_train.py            # clip-b16, batch 256, 60 steps per provider (GPU)
+    python3 benchmarks/bench_train.py --check    # the device check: 24 steps per provider
+    python3 benchmarks/bench_train.py --quick    # the tiny CLIP on CPU, seconds
 
 GPU: CLIP ViT-B/16 (the ``clip-b16`` preset, bf16 autocast) at a per-GPU batch of 256; ``--quick`` on CPU:
 the tiny CLIP. The open_clip row is its model, ``ClipLoss`` and fused AdamW in a plain loop with the same
