@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Compile-only check of the CUDA sources for sm_90a, on a machine with nvcc but no GPU and a CPU torch.
+# Compile-only check of the CUDA sources, on a machine with nvcc but no GPU and a CPU torch.
 # The real build (CMake + a CUDA torch) compiles the same files with the same flags; this catches
 # CUDA code that would not build before it reaches the GPU machine.
+#
+#   CUDA_ARCH="90a 80" bash .ci/check_cuda_compile.sh           # every .cu, each for both targets in one nvcc call
+#   CUDA_SOURCES=csrc/seq_pack/seq_pack_cuda.cu bash .ci/check_cuda_compile.sh   # one file
+#   SASS_DIR=dir ...                                             # also keep the objects there (for cuobjdump)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-CUDA_ARCH=${CUDA_ARCH:-90a}
+CUDA_ARCH=${CUDA_ARCH:-90a 80}
 NVCC=${NVCC:-nvcc}
 command -v "$NVCC" >/dev/null || { echo "check_cuda_compile: nvcc not found" >&2; exit 1; }
 
@@ -17,8 +21,13 @@ for inc in "${torch_includes[@]}"; do flags+=(-isystem "$inc"); done
 flags+=(-isystem .ci/cuda_shim)
 pybind_inc=$("$PYTHON" -c "import pybind11; print(pybind11.get_include())")
 
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
+gencode=()
+for arch in $CUDA_ARCH; do gencode+=(-gencode "arch=compute_${arch},code=sm_${arch}"); done
+if [ -n "${SASS_DIR:-}" ]; then
+  out=$SASS_DIR; mkdir -p "$out"
+else
+  out=$(mktemp -d); trap 'rm -rf "$out"' EXIT
+fi
 status=0
 # The registration file with the CUDA declarations visible.
 g++ -fsyntax-only "${flags[@]}" -isystem "$pybind_inc" $("$PYTHON" -c "import sysconfig; print('-isystem', sysconfig.get_paths()['include'])") csrc/register.cpp || status=1
@@ -26,7 +35,7 @@ echo "check_cuda_compile: csrc/register.cpp with VLCORE_WITH_CUDA=1: $([ $status
 
 compile() {
   local src=$1
-  if "$NVCC" -c "$src" -o "$out/$(basename "$src").o" "${flags[@]}" -gencode "arch=compute_${CUDA_ARCH},code=sm_${CUDA_ARCH}" \
+  if "$NVCC" -c "$src" -o "$out/$(basename "$src").o" "${flags[@]}" "${gencode[@]}" \
       --expt-relaxed-constexpr -Xcudafe --diag_suppress=3306 -lineinfo > "$out/$(basename "$src").log" 2>&1; then
     echo "check_cuda_compile: $src: ok"
   else
@@ -35,7 +44,11 @@ compile() {
     return 1
   fi
 }
-mapfile -t sources < <(find csrc -name '*.cu' | sort)
+if [ -n "${CUDA_SOURCES:-}" ]; then
+  read -r -a sources <<< "$CUDA_SOURCES"
+else
+  mapfile -t sources < <(find csrc -name '*.cu' | sort)
+fi
 [ ${#sources[@]} -gt 0 ] || { echo "check_cuda_compile: no .cu files found" >&2; exit 1; }
 for src in "${sources[@]}"; do
   compile "$src" &
@@ -43,5 +56,5 @@ for src in "${sources[@]}"; do
   if (( $(jobs -rp | wc -l) >= 2 )); then wait -n || status=1; fi
 done
 while (( $(jobs -rp | wc -l) > 0 )); do wait -n || status=1; done
-[ $status = 0 ] && echo "check_cuda_compile: all ${#sources[@]} CUDA sources compile for sm_${CUDA_ARCH}"
+[ $status = 0 ] && echo "check_cuda_compile: all ${#sources[@]} CUDA sources compile for: $CUDA_ARCH"
 exit $status
