@@ -30,7 +30,7 @@ test: $(STAMP)
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja "pytest>=8" numpy
+	$(PIP) install "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja "pytest>=8" "hypothesis>=6" numpy
 	$(PIP) install --no-build-isolation -e .
 	touch $@
 
