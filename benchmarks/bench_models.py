@@ -16,7 +16,7 @@ them), ``torch`` (``impl="torch"``: plain PyTorch, open_clip's architecture), ``
 ``torch.compile``: the open_clip-compiled stand-in when open_clip does not import) and
 ``open_clip_compiled`` where open_clip imports. Compiled peers run at no ToMe only (the goals compare ToMe
 runs with the compiled no-ToMe peer). Peak memory is ``torch.cuda.max_memory_allocated`` of one step (GPU
-only). Train steps use bf16 autocast on GPU and AdamW (fused on GPU), like peers.md's open_clip figures.
+only). Train steps use bf16 autocast on GPU and AdamW (fused on GPU), as open_clip trains (docs/benchmarks.md, 'Peers').
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""FIBER-style fusion in the backbone (vlp.md §1), on pre-LN ViT and bidirectional text towers.
+"""FIBER-style fusion in the backbone (docs/models.md, 'FIBER-style fusion'), on pre-LN ViT and bidirectional text towers.
 
 The top ``K = fusion_cfg.layers`` blocks of both towers carry a gated cross-attention (``alpha`` init 0).
 Vision block ``Lv - K + i`` runs beside text block ``Lt - K + i``; each reads the other's *pre-update*
@@ -11,7 +11,7 @@ text stream. The lower, unfused blocks run once per input; only the top K run pe
 fused layer reads each image's / text's K/V once through ``context_index`` (the attention's ``kv_segment``
 under ``impl="vlcore"``; copies under ``impl="torch"``).
 
-:class:`BridgeTowerModel` (``fusion_cfg.variant = "bridgetower"``, vlp.md §1.5) keeps the towers unimodal
+:class:`BridgeTowerModel` (``fusion_cfg.variant = "bridgetower"``, docs/models.md, 'BridgeTower') keeps the towers unimodal
 and fuses in a K-layer cross-modal encoder fed by bridge layers, with the same heads and objectives.
 """
 
@@ -230,7 +230,7 @@ class CrossModalTower(nn.Module):
 
 
 class BridgeTowerModel(FusionModel):
-    """BridgeTower-style fusion (vlp.md §1.5) on the same blocks and objectives as :class:`FusionModel`: the
+    """BridgeTower-style fusion (docs/models.md, 'BridgeTower') on the same blocks and objectives as :class:`FusionModel`: the
     towers run unfused; the outputs of their top K layers feed, one to one through bridge layers, a K-layer
     cross-modal encoder per modality whose layers read each other's inputs (cross-attention, not gated)."""
 
