@@ -223,6 +223,9 @@ def token_pool_2d_ref(x: torch.Tensor, grid_hw, output_hw=None, mode: str = "avg
     output_hw = _pool_out_hw(grid_hw, output_hw, stride, where)
     head, x = (x[:, :1], x[:, 1:]) if class_token else (None, x)
     batch, _, c = x.shape
+    if batch == 0 or c == 0:  # nothing to resample (PyTorch's pooling rejects empty inputs)
+        out = x.new_zeros((batch, output_hw[0] * output_hw[1], c))
+        return out if head is None else torch.cat([head, out], 1)
     grid = x.transpose(1, 2).reshape(batch, c, *grid_hw)
     if mode == "avg":
         pooled = F.adaptive_avg_pool2d(grid, output_hw)
