@@ -133,7 +133,6 @@ def test_seq_pack_bad_inputs_name_the_argument(lengths, defect):
         assert out.shape == (len(lengths), padded_len, 2)
 
 
-@B0_SEQ_PACK
 @given(total=st.integers(0, 8), n=st.integers(0, 8), row=row_st, dtype=st.sampled_from(FLOATS),
        layout=st.sampled_from(LAYOUTS), data=st.data())
 def test_scatter_image_embeds_or_named_error(total, n, row, dtype, layout, data):
