@@ -647,8 +647,10 @@ def test_nvfp4_bad_input(device):
         ops.nvfp4_quantize(x[:, :40])
     with pytest.raises(ValueError, match="columnwise quantization needs rows % 16 == 0"):
         ops.nvfp4_quantize(x[:20], rowwise=False, columnwise=True)
-    with pytest.raises(ValueError, match="never transformed"):
+    with pytest.raises(ValueError, match="block_2d=True cannot be combined with rht_rowwise / rht_columnwise"):
         ops.nvfp4_quantize(x, columnwise=True, block_2d=True, rht_columnwise=True)
+    with pytest.raises(ValueError, match="block_2d=True cannot be combined with rht_rowwise / rht_columnwise"):
+        ops.nvfp4_quantize(x, block_2d=True, rht_rowwise=True)
     with pytest.raises(ValueError, match="amax_rowwise must be float32"):
         ops.nvfp4_quantize(x, amax_rowwise=torch.tensor(1.0, dtype=torch.float64, device=device))
     with pytest.raises(ValueError, match="at least one of rowwise"):
@@ -696,3 +698,11 @@ def test_nvfp4_given_amax_values(device, value):
     if value != 0.0:
         for t in q:
             assert (t.scales == 0x7F).all() and t.dequantize().isnan().all()
+
+
+@pytest.mark.parametrize("rows, cols", [(0, 16), (16, 0), (0, 0)])
+def test_nvfp4_references_on_empty_operands(rows, cols):
+    """The references decode an empty operand to an empty matrix of the right shape (no ambiguous reshape)."""
+    q = ops.nvfp4_quantize(torch.randn(rows, cols)).rowwise
+    assert nvfp4_dequantize_ref(q).shape == (rows, cols)
+    assert nvfp4_gemm_ref(q, q).shape == (rows, rows)

@@ -419,7 +419,7 @@ def nvfp4_quantize_ref(x: torch.Tensor, *, rowwise: bool = True, columnwise: boo
 
 def _decode_ref(t: NVFP4Tensor, dtype) -> torch.Tensor:
     lut = torch.tensor(E2M1_VALUES, dtype=dtype, device=t.codes.device)
-    codes = torch.stack((t.codes & 0xF, t.codes >> 4), dim=2).reshape(t.codes.shape[0], -1).long()
+    codes = torch.stack((t.codes & 0xF, t.codes >> 4), dim=2).reshape(t.codes.shape[0], 2 * t.codes.shape[1]).long()
     sb = t.plain_scales().view(torch.float8_e4m3fn).to(dtype).repeat_interleave(16, dim=1)
     return lut[codes] * sb
 
