@@ -22,6 +22,7 @@ import torch
 from vlcore.evaluation import EvalOptions, EvalResult, evaluate_model
 from vlcore.evaluation.mir import captioner_mir
 from vlcore.models.clip import retrieval_recall
+from vlcore.train.builders import image_transform
 from vlcore.train.tasks import CaptionCollate, get_tokenizer
 
 
@@ -107,8 +108,6 @@ def evaluate(model, model_cfg, eval_set, device: torch.device, autocast=nullcont
     """Every metric of ``model`` on ``eval_set = (images, captions, skipped)`` for its kind, as measured by
     :func:`vlcore.evaluation.evaluate_model` with the options of ``cfg`` (a TrainConfig; None: the library's
     defaults), plus the held-out caption loss and MIR for a captioner."""
-    from vlcore.train.builders import image_transform  # the builders import this module's users
-
     images, captions, _ = eval_set
     options = eval_options(cfg, model_cfg) if cfg is not None else EvalOptions()
     tokenizer = get_tokenizer(model_cfg.text_cfg.tokenizer)
