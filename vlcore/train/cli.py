@@ -126,8 +126,7 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> dict:
     result = evaluate(model, model_cfg, eval_set, device, autocast_for(cfg, device), cfg)
     metrics = result.metrics
     metrics["eval_skipped"] = eval_set[2]
-    for line in report(metrics, report_lines(result)).splitlines()[1:]:
-        print(line)
+    print(report(metrics, report_lines(result)).replace("vlcore-train report", "vlcore-eval report").strip())
     output = output or str(Path(path) / "eval_metrics.jsonl")
     written = write_metrics_jsonl(output, metrics, step=int(state["step"]), checkpoint=str(path),
                                   val_data=cfg.val_data or cfg.data)
