@@ -173,3 +173,21 @@ def test_a_missing_remote_shard_is_skipped_and_counted(server, monkeypatch):
     images, captions, skipped = D.load_eval_set([D.TarReader(["png"], "txt", "caption"), shards],
                                                 D.ImageTransform(8, (0.5,) * 3, (0.25,) * 3))
     assert images.shape[0] == 6 and skipped == 1
+
+
+def test_training_over_http_resumes_exactly(server, tmp_path):
+    """The trainer reads --train-data over HTTP; a run stopped after a checkpoint and resumed logs the same
+    per-step losses as an uninterrupted one (the stream is reopened and read past the consumed samples)."""
+    from vlcore.train.cli import main
+
+    from .helpers import TINY, read_metrics
+
+    argv = TINY + ["--data", "wds", "--shuffle", "false", "--batch-size", "4", "--workers", "1",
+                   "--train-data", server.url + "/shard-{0000..0001}.tar", "--checkpoint-every", "2"]
+    main(argv + ["--steps", "4", "--out-dir", str(tmp_path / "straight")])
+    reference = read_metrics(tmp_path / "straight")
+    main(argv + ["--steps", "2", "--out-dir", str(tmp_path / "resumed")])
+    main(argv + ["--steps", "4", "--out-dir", str(tmp_path / "resumed")])
+    losses = read_metrics(tmp_path / "resumed")
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert all(losses[step] == reference[step] for step in reference)

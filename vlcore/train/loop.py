@@ -173,8 +173,8 @@ def next_batch(run: Run) -> dict:
     meters.data_wait += time.perf_counter() - fetch_start
     if batch_position is not None:
         for shard in run.state.position.update(batch_position):
-            run.logger.print(f"data: {shard} is truncated (no end-of-archive marker): its last sample and "
-                             f"whatever followed are lost; counted as skipped")
+            run.logger.print(f"data: {shard} is truncated (no end-of-archive marker) or could not be read after "
+                             f"its retries: what it held past the last good sample is lost; counted as skipped")
     if "padding_avoided" in batch:
         meters.padding_avoided += batch.pop("padding_avoided")
         meters.padding_batches += 1
