@@ -4,7 +4,7 @@ implementation, and a fusion model's shared-K/V pair scores against copied pairs
 import pytest
 import torch
 
-import vlcore.nn.backend as backend
+import vlcore.ops
 from vlcore.evaluation.retrieval import (evaluate_retrieval, fusion_pair_scorer, hits_at_k, itm_rerank_recall, rerank,
                                          retrieval_recall)
 from vlcore.models import create_model
@@ -98,15 +98,15 @@ def test_fusion_pair_scores_share_kv_and_equal_copied_pairs(name, monkeypatch):
     image_index = torch.tensor([0, 0, 0, 1, 2, 2, 1])
     text_index = torch.tensor([0, 1, 2, 1, 0, 2, 0])
     segments = []
-    real = backend.attention
+    real = vlcore.ops.attention
 
     def spy(*args, **kwargs):
         segments.append(kwargs.get("kv_segment"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(backend, "attention", spy)
+    monkeypatch.setattr(vlcore.ops, "attention", spy)  # the backend calls the op through the module
     shared = fusion_pair_scorer(model, images, tokens, pairs_per_batch=4)(image_index, text_index)
-    monkeypatch.setattr(backend, "attention", real)
+    monkeypatch.setattr(vlcore.ops, "attention", real)
     assert any(s is not None for s in segments)  # the fused layer read K/V through kv_segment
     with torch.no_grad():  # reference: each pair's image and text copied, no indexing
         lengths = model.text.key_lengths(tokens[text_index])
