@@ -1,15 +1,21 @@
 """Fused varlen attention: TFLOP/s against every SDPA backend, FlexAttention and varlen_attn, same run.
 
-    python benchmarks/bench_attention.py            # the issue's shapes (GPU, bf16)
+    python benchmarks/bench_attention.py            # every shape, every mode (GPU, bf16)
+    python benchmarks/bench_attention.py --check    # the device check: one shape per goal row, fwd+bwd, few reps
     python benchmarks/bench_attention.py --quick    # tiny shapes, seconds, on CPU (a smoke run)
 
-FLOPs are counted as flash-attn and peers.md do: 4 * B * H * Lq * Lk * D forward, x 3.5 forward+backward
+FLOPs are counted as flash-attn counts them: 4 * B * H * Lq * Lk * D forward, x 3.5 forward+backward
 (packed documents: useful in-document work only, sum over documents). Each provider is timed on the same
 inputs; "vs best peer" divides the best peer's time by vlcore's. The short-query fusion shapes are bound by
 memory and occupancy, so they also report the byte floor (q, k, v, out, lse read or written once forward;
 q, k, v, out, dout, lse read and dq, dk, dv written once backward) as a share of the time a device copy of
 that many bytes takes in the same run. The ITM case compares kv_segment (one K/V per image, three text
 segments reading it) with materialised copies of K/V (what plain SDPA needs), time and peak memory.
+
+"vlcore" is the public op with its default dispatch (backend="auto"); the long self-attention row also
+times "vlcore kernels" (backend="vlcore"), which places the switch point LIBRARY_MIN_SEQLEN of
+vlcore/ops/attention.py. --check keeps FlexAttention only on the rows where it is the goal's peer (its
+compilation costs device time) and leaves out the ITM case and the per-document SDPA loop.
 """
 
 from __future__ import annotations
@@ -44,14 +50,15 @@ class Dense:
         return 4.0 * self.batch * self.heads * self.len_q * self.len_k * self.head_dim
 
 
-def dense_shapes(quick: bool) -> list[Dense]:
+def dense_shapes(quick: bool, check: bool = False) -> list[Dense]:
     if quick:
         return [Dense("text->image (tiny)", 2, 2, 5, 13, 32, ("fwd", "fwd+bwd"), floor=True)]
+    modes = ("fwd+bwd",) if check else ("fwd", "fwd+bwd")
     return [
-        Dense("text->image ViT-B/16", 256, 12, 40, 197, 64, ("fwd", "fwd+bwd"), ">= 2.5x best peer", True),
-        Dense("image->text ViT-B/16", 256, 12, 197, 40, 64, ("fwd", "fwd+bwd"), ">= 2.5x best peer", True),
-        Dense("text->image ViT-L/14@336", 128, 16, 64, 577, 64, ("fwd", "fwd+bwd"), ">= 2x best peer", True),
-        Dense("self-attn L 4096", 8, 16, 4096, 4096, 128, ("fwd+bwd",), ">= 0.8x cuDNN"),
+        Dense("text->image ViT-B/16", 256, 12, 40, 197, 64, modes, ">= 2.5x best peer", True),
+        Dense("image->text ViT-B/16", 256, 12, 197, 40, 64, modes, ">= 2.5x best peer", True),
+        Dense("text->image ViT-L/14@336", 128, 16, 64, 577, 64, modes, ">= 2x best peer", True),
+        Dense("self-attn L 4096", 8, 16, 4096, 4096, 128, ("fwd+bwd",), ">= 0.95x best SDPA (dispatch)"),
     ]
 
 
@@ -128,7 +135,7 @@ def time_providers(providers, inputs, mode, device, rep):
 
 def report(rows, table, label, mode, flops, times, device, floor_ms=None):
     ours = times.get("vlcore")
-    peers = {n: t for n, t in times.items() if n != "vlcore" and not isinstance(t, str)}
+    peers = {n: t for n, t in times.items() if not n.startswith("vlcore") and not isinstance(t, str)}
     best = min(peers.items(), key=lambda kv: kv[1][0]) if peers else None
     for name, t in times.items():
         if isinstance(t, str):
@@ -137,22 +144,28 @@ def report(rows, table, label, mode, flops, times, device, floor_ms=None):
         tflops = flops / t[0] / 1e9
         rows.append(Row("attention", name, mode, "TFLOP/s", "TFLOP/s", "shape", label, tflops,
                         flops / t[2] / 1e9, flops / t[1] / 1e9, device_name=device_name(device)))
-        ratio = f"{best[1][0] / t[0]:.2f}x" if name == "vlcore" and best else ""
-        floor = f"{100 * floor_ms / t[0]:.0f}%" if floor_ms and name == "vlcore" else ""
+        ratio = f"{best[1][0] / t[0]:.2f}x" if name.startswith("vlcore") and best else ""
+        floor = f"{100 * floor_ms / t[0]:.0f}%" if floor_ms and name.startswith("vlcore") else ""
         table.append([label, mode, name, f"{t[0]:.3f}", f"{tflops:.2f}", ratio, floor])
     if best and not isinstance(ours, tuple):
         table.append([label, mode, "best peer", best[0], "", "", ""])
 
 
+def reps(args) -> int:
+    return 3 if args.quick else 5 if args.check else 30
+
+
 def bench_dense(args, rows, table, dtype):
-    device, rep = torch.device(args.device), (3 if args.quick else 30)
+    device, rep = torch.device(args.device), reps(args)
     copy_gbps = copy_bandwidth(device, 1 << (20 if args.quick else 28), rep=rep)
-    for shape in dense_shapes(args.quick):
+    for shape in dense_shapes(args.quick, args.check):
         b, lq, lk, h, d = shape.batch, shape.len_q, shape.len_k, shape.heads, shape.head_dim
         q = torch.randn(b, lq, h, d, device=device, dtype=dtype, requires_grad=True)
         k = torch.randn(b, lk, h, d, device=device, dtype=dtype, requires_grad=True)
         v = torch.randn(b, lk, h, d, device=device, dtype=dtype, requires_grad=True)
         providers = {"vlcore": lambda: (lambda: vlcore.ops.attention(q, k, v))}
+        if min(lq, lk) >= 1024:  # where dispatch may hand over: the vlcore kernels alone, for the switch point
+            providers["vlcore kernels"] = lambda: (lambda: vlcore.ops.attention(q, k, v, backend="vlcore"))
         backends = sdpa_backends() if device.type == "cuda" else {"sdpa (CPU default)": None}
         for name, backend in backends.items():
             if backend is None:
@@ -160,7 +173,7 @@ def bench_dense(args, rows, table, dtype):
                     q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)))
             elif name != "sdpa math" or shape.len_q * shape.len_k <= 1 << 20:  # math: O(L^2) memory
                 providers[name] = (lambda m: (lambda: m(q, k, v)))(sdpa_provider(backend))
-        if device.type == "cuda":
+        if device.type == "cuda" and not args.check:
             providers["flex (compiled)"] = lambda: flex_dense_provider()(q, k, v)
         for mode in shape.modes:
             times = time_providers(providers, (q, k, v), mode, device, rep)
@@ -177,14 +190,17 @@ def document_lengths(total: int, low: int, high: int, seed: int = 0) -> list[int
 
 
 def bench_packed(args, rows, table, dtype):
-    device, rep = torch.device(args.device), (3 if args.quick else 30)
+    device, rep = torch.device(args.device), reps(args)
     total, heads, d = (96, 2, 32) if args.quick else (8192, 16, 64)
     lengths = document_lengths(total, 8 if args.quick else 64, 40 if args.quick else 1024)
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths).cumsum(0)
     cu, max_len = cu.to(device), max(lengths)
     q, k, v = (torch.randn(total, heads, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-    providers = {"vlcore": lambda: (lambda: vlcore.ops.attention(q, k, v, cu, cu, max_len, max_len))}
+    providers = {"vlcore": lambda: (lambda: vlcore.ops.attention(q, k, v, cu, cu, max_len, max_len)),
+                 # dispatch may hand these long documents to varlen_attn: the vlcore kernels alone too
+                 "vlcore kernels": lambda: (lambda: vlcore.ops.attention(q, k, v, cu, cu, max_len, max_len,
+                                                                         backend="vlcore"))}
     if device.type == "cuda":
         with contextlib.suppress(ImportError):
             from torch.nn.attention.varlen import varlen_attn
@@ -199,14 +215,15 @@ def bench_packed(args, rows, table, dtype):
             return lambda: compiled(qt, kt, vt, block_mask=mask)
         providers["flex (compiled, document mask)"] = flex
 
-        def per_document_sdpa():
+        def per_document_sdpa():  # a host loop over documents: slow, and not a goal's peer
             splits = [(int(a), int(b)) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
 
             def fn():
                 outs = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v))) for a, b in splits]
                 return torch.cat([o.transpose(0, 1) for o in outs])
             return fn
-        providers["sdpa per document"] = per_document_sdpa
+        if not args.check:
+            providers["sdpa per document"] = per_document_sdpa
     flops = sum(4.0 * heads * n * n * d for n in lengths)
     label = f"packed self-attn T{total} ({len(lengths)} docs) H{heads} D{d}"
     for mode in ("fwd", "fwd+bwd"):
@@ -214,9 +231,40 @@ def bench_packed(args, rows, table, dtype):
         report(rows, table, label, mode, flops * (3.5 if mode == "fwd+bwd" else 1.0), times, device)
 
 
+def bench_tome(args, rows, table, dtype):
+    """ToMe'd ViT-B/16 self-attention with proportional attention: key_bias = log(size), which needs a gradient.
+    Peers that give the bias a gradient: FlexAttention with a score_mod, SDPA with an additive attn_mask."""
+    device, rep = torch.device(args.device), reps(args)
+    batch, tokens, heads, d = (2, 11, 2, 32) if args.quick else (128, 133, 12, 64)  # 197 tokens after ToMe r = 8 x 8
+    q, k, v = (torch.randn(batch, tokens, heads, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    sizes = torch.randint(1, 5, (batch, tokens), device=device).to(dtype)
+    bias = sizes.log().requires_grad_()
+    inputs = (q, k, v, bias)
+    providers = {"vlcore": lambda: (lambda: vlcore.ops.attention(q, k, v, key_bias=bias))}
+
+    def sdpa_mask():
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        return lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=bias[:, None, None, :]).transpose(1, 2)
+    providers["sdpa attn_mask (default backend)"] = sdpa_mask
+    if device.type == "cuda":
+        def flex():
+            from torch.nn.attention.flex_attention import flex_attention
+            compiled = torch.compile(flex_attention, dynamic=False)
+            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score + bias[b, kv_idx]
+            return lambda: compiled(qt, kt, vt, score_mod=score_mod).transpose(1, 2)
+        providers["flex (compiled, score_mod bias)"] = flex
+    flops = 4.0 * batch * heads * tokens * tokens * d * 3.5
+    times = time_providers(providers, inputs, "fwd+bwd", device, rep)
+    report(rows, table, f"ToMe'd ViT-B/16 + log-size key_bias B{batch} H{heads} L{tokens} D{d}", "fwd+bwd", flops,
+           times, device)
+
+
 def bench_itm(args, rows, table, dtype):
     """ITM with hard negatives: each image's K/V read by 3 text segments, shared vs copied."""
-    device, rep = torch.device(args.device), (3 if args.quick else 30)
+    device, rep = torch.device(args.device), reps(args)
     images, per_image, heads, d, len_q, len_k = (2, 3, 2, 32, 5, 13) if args.quick else (128, 3, 12, 64, 40, 197)
     texts = images * per_image
     q = torch.randn(texts * len_q, heads, d, device=device, dtype=dtype, requires_grad=True)
@@ -262,7 +310,7 @@ def bench_itm(args, rows, table, dtype):
 
 def main(argv=None):
     parser = make_parser(__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["all", "dense", "packed", "itm"], default="all")
+    parser.add_argument("--part", choices=["all", "dense", "packed", "tome", "itm"], default="all")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not vlcore.cuda_available():
         raise SystemExit("bench_attention: this vlcore build has no CUDA kernels (vlcore.cuda_available() is False)")
@@ -273,14 +321,17 @@ def main(argv=None):
         bench_dense(args, rows, table, dtype)
     if args.part in ("all", "packed"):
         bench_packed(args, rows, table, dtype)
-    if args.part in ("all", "itm"):
+    if args.part in ("all", "tome"):
+        bench_tome(args, rows, table, dtype)
+    if args.part == "itm" or (args.part == "all" and not args.check):
         bench_itm(args, rows, itm, dtype)
     path = write_rows("bench_attention", rows, args.csv)
     print(f"device: {device_name(args.device)}; torch {torch.__version__}; {dtype}; rows in {path}")
     print_table("attention TFLOP/s (4·B·H·Lq·Lk·D fwd, x3.5 fwd+bwd); vs best peer = best peer time / vlcore time",
                 ["shape", "mode", "provider", "ms", "TFLOP/s", "vs best peer", "% of byte floor"], table)
-    print_table("ITM with hard negatives: kv_segment vs materialised K/V copies (fwd+bwd)",
-                ["provider", "mode", "ms", "TFLOP/s", "peak extra MiB"], itm)
+    if itm:
+        print_table("ITM with hard negatives: kv_segment vs materialised K/V copies (fwd+bwd)",
+                    ["provider", "mode", "ms", "TFLOP/s", "peak extra MiB"], itm)
 
 
 if __name__ == "__main__":

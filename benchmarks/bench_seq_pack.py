@@ -1,8 +1,9 @@
 """Sequence packing: op bandwidth against the copy ceiling, and planner padding waste.
 
-    python benchmarks/bench_seq_pack.py            # full sizes (GPU)
-    python benchmarks/bench_seq_pack.py --quick    # seconds, on CPU
-    python benchmarks/bench_seq_pack.py --part planner   # the planner alone (host-only, any machine)
+    python3 benchmarks/bench_seq_pack.py            # full sizes (GPU)
+    python3 benchmarks/bench_seq_pack.py --check    # the device check: C = 4096 alone, few reps
+    python3 benchmarks/bench_seq_pack.py --quick    # seconds, on CPU
+    python3 benchmarks/bench_seq_pack.py --part planner   # the planner alone (host-only, any machine)
 
 Ops are bandwidth-bound, so each is reported against its byte floor (every byte it must read or write,
 once) as GB/s and as a fraction of a device-to-device copy of the same size measured in the same run
@@ -27,11 +28,11 @@ from common import Row, bench, copy_bandwidth, device_name, gbps, make_parser, p
 from vlcore.packing import padded_waste, plan, vlp_length_mix  # noqa: E402
 
 
-def op_cases(device, quick):
+def op_cases(device, quick, check):
     """(padded batch, cu_seqlens, total, image positions) for LLaVA-like packs."""
     lengths = vlp_length_mix(64 if quick else 4096, seed=0)
     p = plan(lengths, 4096)
-    channels = [64] if quick else [1024, 4096]
+    channels = [64] if quick else [4096] if check else [1024, 4096]
     packs = 1 if quick else 8  # 8 packs of <= 4096 tokens: ~32k tokens per step
     for c in channels:
         sample_ids = [i for b in p.bins[:packs] for i in b]
@@ -46,9 +47,9 @@ def op_cases(device, quick):
 
 
 def bench_ops(args, rows, table):
-    device, rep = torch.device(args.device), (3 if args.quick else 50)
+    device, rep = torch.device(args.device), (3 if args.quick else 10 if args.check else 50)
     dtype = torch.bfloat16
-    for c, lens, cu, total, positions in op_cases(device, args.quick):
+    for c, lens, cu, total, positions in op_cases(device, args.quick, args.check):
         batch, padded_len = len(lens), int(lens.max())
         row_bytes = c * torch.finfo(dtype).bits // 8
         padded = torch.randn(batch, padded_len, c, device=device, dtype=dtype)
@@ -89,7 +90,7 @@ def bench_ops(args, rows, table):
 def bench_planner(args, rows, table):
     n = 5_000 if args.quick else 100_000
     lengths = vlp_length_mix(n, seed=1)
-    for algorithm in ("first_fit", "best_fit"):
+    for algorithm in ("first_fit",) if args.check else ("first_fit", "best_fit"):
         t0 = time.perf_counter()
         p = plan(lengths, 4096, algorithm=algorithm)
         seconds = time.perf_counter() - t0
@@ -97,7 +98,7 @@ def bench_planner(args, rows, table):
                         extra_benchmark_config_str=f"max_len=4096 packs={len(p.bins)} plan_s={seconds:.3f}",
                         device_name="host CPU"))
         table.append([algorithm, n, f"{100 * p.waste:.2f}%", len(p.bins), f"{seconds:.2f}"])
-    for batch_size in (8, 32, 128):
+    for batch_size in (32,) if args.check else (8, 32, 128):
         waste = padded_waste(lengths, batch_size)
         rows.append(Row("padded_batching", f"batch_{batch_size}", "plan", "waste", "%", "samples", str(n), 100 * waste,
                         device_name="host CPU"))

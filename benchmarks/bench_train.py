@@ -1,8 +1,14 @@
 """Trainer throughput: the whole vlcore-train step (forward, backward, clipping, AdamW, logging) on random
-tensors (``--synthetic-benchmark``), samples/s and peak memory, vlcore kernels vs plain torch.
+tensors (``--synthetic-benchmark``), samples/s and peak memory, vlcore kernels vs plain torch, and
+open_clip's own training step where open_clip imports.
+
+    python3 benchmarks/bench_train.py            # clip-b16, batch 256, 60 steps per provider (GPU)
+    python3 benchmarks/bench_train.py --check    # the device check: 24 steps per provider
+    python3 benchmarks/bench_train.py --quick    # the tiny CLIP on CPU, seconds
 
 GPU: CLIP ViT-B/16 (the ``clip-b16`` preset, bf16 autocast) at a per-GPU batch of 256; ``--quick`` on CPU:
-the tiny CLIP. The matching comparison with open_clip's own training step is ``bench_models.py --part clip``.
+the tiny CLIP. The open_clip row is its model, ``ClipLoss`` and fused AdamW in a plain loop with the same
+batch, autocast and step count (no data, clipping or logging: a slightly easier step than the trainer's).
 """
 
 from __future__ import annotations
@@ -11,12 +17,15 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Row, device_name, make_parser, print_table, write_rows  # noqa: E402
+
+OPEN_CLIP_MODEL = {"clip-b16": "ViT-B-16", "clip-b32": "ViT-B-32"}
 
 
 def run_trainer(preset: str, impl: str, batch: int, steps: int, log_every: int, device: str, extra: list[str]) -> dict:
@@ -34,6 +43,47 @@ def run_trainer(preset: str, impl: str, batch: int, steps: int, log_every: int, 
     return summary
 
 
+def run_open_clip(preset: str, batch: int, steps: int, log_every: int, device: str) -> dict | None:
+    """open_clip's own step on random tensors: samples/s over the steps after the first interval."""
+    try:
+        import open_clip
+    except Exception:  # not installed, or its torchvision does not import beside this torch
+        return None
+    if preset not in OPEN_CLIP_MODEL:
+        return None
+    dev = torch.device(device)
+    model = open_clip.create_model(OPEN_CLIP_MODEL[preset], output_dict=True).to(dev)
+    loss_fn = open_clip.ClipLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=dev.type == "cuda")
+    size = getattr(model.visual, "image_size", 224)
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    images = torch.randn(batch, 3, size, size, device=dev)
+    # CLIP's BPE vocabulary and context length, open_clip's defaults for these models
+    tokens = torch.randint(1, getattr(model, "vocab_size", 49408), (batch, getattr(model, "context_length", 77)), device=dev)
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            out = model(images, tokens)
+            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(log_every):  # the first interval: warm-up, as the trainer rows skip it
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps - log_every):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+    return {"steady_samples_per_s": batch * (steps - log_every) / seconds, "peak_memory_gb": peak}
+
+
 def main(argv=None):
     parser = make_parser(__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=None, help="global batch (default 256 on GPU, 16 with --quick)")
@@ -43,7 +93,7 @@ def main(argv=None):
         preset, batch, steps, log_every = "default", args.batch or 16, 6, 2
         extra = ["--model-overrides", '{"vision_cfg": {"image_size": 16, "patch_size": 8}}']
     else:
-        preset, batch, steps, log_every = "clip-b16", args.batch or 256, 60, 10
+        preset, batch, steps, log_every = ("clip-b16", args.batch or 256) + ((24, 8) if args.check else (60, 10))
         extra = []
     providers = [("vlcore", []), ("torch", [])] + ([("vlcore+compile", ["--compile"])] if args.compile else [])
     rows, table = [], []
@@ -58,6 +108,15 @@ def main(argv=None):
         rows.append(Row("train_step", provider, "full", peak_name, "GiB", "preset/batch", x, peak,
                         device_name=device_name(args.device)))
         table.append([x, provider, s["steady_samples_per_s"], peak])
+    s = run_open_clip(preset, batch, steps, log_every, args.device)
+    if s is not None:
+        x = f"{preset}/{batch}"
+        rows.append(Row("train_step", "open_clip", "full", "samples_per_s", "samples/s", "preset/batch", x,
+                        s["steady_samples_per_s"], device_name=device_name(args.device)))
+        if s["peak_memory_gb"] is not None:
+            rows.append(Row("train_step", "open_clip", "full", "peak_memory", "GiB", "preset/batch", x,
+                            s["peak_memory_gb"], device_name=device_name(args.device)))
+        table.append([x, "open_clip", s["steady_samples_per_s"], s["peak_memory_gb"] or "-"])
     base = table[1][2]
     for line in table:
         line.append(line[2] / base)

@@ -134,7 +134,7 @@ def write_rows(name: str, rows: list[Row], path: str | None = None) -> Path:
 
 
 def print_table(title: str, header: list[str], lines: list[list[object]]) -> None:
-    """A short aligned table, the shape gpu_check.sh gathers into its summary."""
+    """A short aligned table, the shape device_check.sh gathers into its output."""
     cells = [[str(h) for h in header]] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in line] for line in lines]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     print(f"\n## {title}")

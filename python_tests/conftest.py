@@ -17,7 +17,11 @@ def _seed():
 @pytest.fixture
 def poisoned():
     """Make every uninitialised allocation (at::empty inside the kernels too) come back filled with NaN
-    or the dtype's max value, so a kernel that forgets to write an output element fails the test."""
+    or the dtype's max value, so a kernel that forgets to write an output element fails the test.
+
+    torch fills only while deterministic algorithms are on, so this fixture turns them on: an op whose
+    deterministic switch follows that global (attention's backward) must be given the switch explicitly by
+    its tests, once per path, or the other path would never be tested."""
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True

@@ -154,3 +154,45 @@ def test_pack_samples_round_trip():
 def test_packed_batch_to_keeps_host_ints():
     b = build_packed_batch([llava_sample(2, 3)], image_token_id=0).to("cpu")
     assert isinstance(b.max_seqlen, int) and b.cu_seqlens.dtype == torch.int32
+
+
+@pytest.mark.parametrize("algorithm", ["first_fit", "best_fit"])
+def test_plan_takes_a_0d_tensor_max_len_by_value(algorithm):
+    max_len = torch.tensor(10)
+    p = plan([5, 3, 8, 2, 7, 1, 4], max_len, algorithm=algorithm)
+    assert max_len.item() == 10 and p.max_len == 10 and isinstance(p.max_len, int)
+    assert max(p.bin_lengths()) <= 10 and all(p.bins) and sorted(i for b in p.bins for i in b) == list(range(7))
+
+
+@pytest.mark.parametrize("algorithm", ["first_fit", "best_fit"])
+@pytest.mark.parametrize("max_len", [float("inf"), float("nan"), 2.5, "10", None, 1 + 2j])
+def test_plan_rejects_a_max_len_that_is_not_an_integer(algorithm, max_len):
+    with pytest.raises(ValueError, match="max_len must be an integer"):
+        plan([1, 2], max_len, algorithm=algorithm)
+
+
+def test_plan_best_fit_memory_does_not_grow_with_max_len():
+    # The bins' free space is kept in a sorted list over the bins, not in a table over 0..max_len.
+    p = plan([5, 3, 8, 2, 7, 1, 4], 10**12, algorithm="best_fit")
+    assert p.bins == [[0, 1, 2, 3, 4, 5, 6]]
+    assert plan([3, 3], 4.0, algorithm="best_fit").bins == [[0], [1]]  # an integral float is its integer
+
+
+@pytest.mark.parametrize("lengths, name", [([1, float("nan")], r"lengths\[1\]"), ([float("inf")], r"lengths\[0\]"),
+                                           ([1 + 2j], r"lengths\[0\]"), ([[1, 2], [3, 4]], r"lengths\[0\]"),
+                                           (torch.ones(2, 2, dtype=torch.long), "lengths must be 1-D"),
+                                           ([2.5], r"lengths\[0\]")])
+def test_plan_rejects_lengths_that_are_not_integers(lengths, name):
+    with pytest.raises(ValueError, match=name):
+        plan(lengths, 10)
+
+
+def test_plan_of_no_samples_is_empty():
+    assert plan([], 10).bins == [] and plan(torch.empty(0, dtype=torch.long), 10, algorithm="best_fit").bins == []
+
+
+def test_build_packed_batch_names_samples_that_are_not_dicts():
+    with pytest.raises(ValueError, match=r"samples\[0\] must be a dict with 'input_ids'.*got Tensor"):
+        build_packed_batch([torch.arange(3), torch.arange(2)])
+    with pytest.raises(ValueError, match=r"samples\[1\] must be a dict with 'input_ids'"):
+        build_packed_batch([{"input_ids": torch.arange(3)}, {"labels": torch.arange(2)}])

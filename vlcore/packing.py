@@ -16,7 +16,11 @@ predict the first token of the next.
 
 from __future__ import annotations
 
+import bisect
 import math
+import numbers
+import operator
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Literal, Sequence
 
@@ -62,14 +66,20 @@ def plan(lengths: Sequence[int] | torch.Tensor, max_len: int, *,
     """Pack samples of the given lengths into as few bins of ``max_len`` tokens as the heuristic finds.
 
     ``algorithm="first_fit"`` is first-fit decreasing (each sample, longest first, goes to the first
-    bin with room); ``"best_fit"`` is best-fit decreasing (the bin it fills most tightly). Both are
-    O(n log n) and never exceed ``max_len``. A sample longer than ``max_len`` raises ``ValueError``
-    unless ``truncate=True``, which cuts it to ``max_len`` and records it in ``PackingPlan.truncated``.
-    Zero-length samples are valid and take no room.
+    bin with room); ``"best_fit"`` is best-fit decreasing (the bin it fills most tightly). Both take
+    O(n log n) comparisons and O(n) memory whatever ``max_len`` is, and never exceed ``max_len``. A sample
+    longer than ``max_len`` raises ``ValueError`` unless ``truncate=True``, which cuts it to ``max_len`` and
+    records it in ``PackingPlan.truncated``. Zero-length samples are valid and take no room.
+
+    ``lengths`` is a 1-D sequence, tensor or array of integers and ``max_len`` an integer (Python, numpy or
+    0-d tensor; a float only when it holds an integer); anything else raises ``ValueError`` naming it.
     """
+    if getattr(lengths, "ndim", 1) != 1:
+        raise ValueError(f"plan: lengths must be 1-D, got shape {tuple(lengths.shape)}")
     if isinstance(lengths, torch.Tensor):
         lengths = lengths.tolist()
-    lengths = [int(n) for n in lengths]
+    lengths = [_as_int(n, f"lengths[{i}]") for i, n in enumerate(lengths)]
+    max_len = _as_int(max_len, "max_len")
     if max_len <= 0:
         raise ValueError(f"plan: max_len must be positive, got {max_len}")
     truncated = []
@@ -117,53 +127,36 @@ def _first_fit(order: list[int], lengths: list[int], max_len: int) -> list[int]:
     return assignment
 
 
+def _as_int(value, name: str) -> int:
+    """``value`` as a Python int (a copy: never an alias of the caller's tensor), or ValueError naming it."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        pass
+    if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    raise ValueError(f"plan: {name} must be an integer, got {value!r}")
+
+
 def _best_fit(order: list[int], lengths: list[int], max_len: int) -> list[int]:
-    # A count-segment tree over free-space values 0..max_len: the best bin is the one with the smallest
-    # free space >= need, found by a leftmost-nonzero search from leaf `need`.
-    size = 1
-    while size < max_len + 1:
-        size *= 2
-    count = [0] * (2 * size)
-    bins_with_free: dict[int, list[int]] = {}
+    # The open bins as a sorted list of (free space, stamp, bin); the best bin is the first entry with
+    # free >= need (a bisection). Among bins with equal free space the most recently filled one (highest
+    # stamp) wins, which makes the plan deterministic. Memory is O(bins), whatever max_len is.
+    open_bins: list[tuple[int, int, int]] = []
     assignment = [0] * len(lengths)
     num_bins = 0
-
-    def add(free: int, delta: int) -> None:
-        node = free + size
-        while node:
-            count[node] += delta
-            node //= 2
-
-    for i in order:
+    for stamp, i in enumerate(order):
         need = lengths[i]
-        free = _leftmost_nonzero_from(count, size, need)
-        if free < 0:  # no open bin has room: open one
+        at = bisect.bisect_left(open_bins, (need,))
+        if at == len(open_bins):  # no open bin has room: open one
             b, free = num_bins, max_len
             num_bins += 1
         else:
-            b = bins_with_free[free].pop()
-            add(free, -1)
+            last_with_that_free = bisect.bisect_left(open_bins, (open_bins[at][0] + 1,)) - 1
+            free, _, b = open_bins.pop(last_with_that_free)
         assignment[i] = b
-        free -= need
-        bins_with_free.setdefault(free, []).append(b)
-        add(free, +1)
+        bisect.insort(open_bins, (free - need, stamp, b))
     return assignment
-
-
-def _leftmost_nonzero_from(count: list[int], size: int, lo: int) -> int:
-    node = lo + size
-    if count[node]:
-        return lo
-    while node > 1:  # climb until a right sibling holds something
-        if node % 2 == 0 and count[node + 1]:
-            node += 1
-            break
-        node //= 2
-    else:
-        return -1
-    while node < size:
-        node = 2 * node if count[2 * node] else 2 * node + 1
-    return node - size
 
 
 def padded_waste(lengths: Sequence[int], batch_size: int) -> float:
@@ -226,6 +219,9 @@ def build_packed_batch(samples: Sequence[dict], image_token_id: int | None = Non
         raise ValueError("build_packed_batch: empty batch (no samples)")
     ids, labels, lengths = [], [], []
     for k, s in enumerate(samples):
+        if not isinstance(s, Mapping) or "input_ids" not in s:
+            raise ValueError(f"build_packed_batch: samples[{k}] must be a dict with 'input_ids' (and optionally "
+                             f"'labels'), got {type(s).__name__}")
         x = torch.as_tensor(s["input_ids"])
         if x.dim() != 1 or x.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"build_packed_batch: samples[{k}]['input_ids'] must be a 1-D integer tensor, "

@@ -1,5 +1,6 @@
-// CUDA entry point of the attention backward (kernels in attention_kernel.cuh): delta preprocess, then
-// dK/dV (+ dQ by float32 atomics) per key tile, or dK/dV then a deterministic dQ pass.
+// CUDA entry point of the attention backward (kernels in attention_kernel.cuh): the short-key kernel when
+// every key segment fits one CTA (dK, dV, dQ and delta in one pass, deterministic); otherwise a delta
+// preprocess, then dK/dV (+ dQ by float32 atomics) per key tile, or dK/dV then a deterministic dQ pass.
 #include <ATen/ops/arange.h>
 #include <ATen/ops/argsort.h>
 #include <ATen/ops/cat.h>
@@ -9,6 +10,9 @@
 #include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <cstdlib>
+#include <string>
 
 #include "attention/attention_launch.cuh"
 #include "ops.h"
@@ -31,6 +35,13 @@ std::pair<at::Tensor, at::Tensor> readers_of(const std::optional<at::Tensor>& kv
   return {order, offsets};
 }
 
+// The short-key backward is taken when max_seqlen_k fits one CTA; VLCORE_ATTENTION_SHORT_BACKWARD=0 turns it
+// off (the tests use it to reach the tiled paths on short shapes too).
+bool short_backward_enabled() {
+  const char* flag = std::getenv("VLCORE_ATTENTION_SHORT_BACKWARD");
+  return flag == nullptr || std::string(flag) != "0";
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
@@ -50,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = vector_ready(q_in), k = vector_ready(k_in), v = vector_ready(v_in);
   const at::Tensor dout = vector_ready(grad_out_in.stride(-1) == 1 ? grad_out_in : grad_out_in.contiguous());
-  const at::Tensor out = out_in.stride(-1) == 1 ? out_in : out_in.contiguous();
+  const at::Tensor out = vector_ready(out_in);
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor dlse = grad_lse.has_value() ? grad_lse->contiguous() : at::Tensor();
   const at::Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
@@ -62,14 +73,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
   at::Tensor dk = at::empty({s.total_k, s.heads_kv, s.head_dim}, q.options());
   at::Tensor dv = at::empty({s.total_k, s.heads_kv, s.head_dim}, q.options());
   at::Tensor dbias = bias_requires_grad ? at::zeros({s.total_k, s.heads_q}, f32) : at::Tensor();
-  at::Tensor delta = at::empty({s.heads_q, s.total_q}, f32);
-  at::Tensor dq_accum = deterministic ? at::Tensor() : at::zeros({s.total_q, s.heads_q, s.head_dim}, f32);
-  at::Tensor dq = deterministic ? at::empty({s.total_q, s.heads_q, s.head_dim}, q.options()) : at::Tensor();
+  at::Tensor dq = at::empty({s.total_q, s.heads_q, s.head_dim}, q.options());
+  at::Tensor delta, dq_accum;  // the tiled paths only
   const auto [order, offsets] = readers_of(seg, s.num_q_segments, s.num_k_segments, cu_q.options());
-  if (max_seqlen_k == 0 || s.total_k == 0) {  // no key anywhere: the kernels below would not cover dk / dv
-    dk.zero_();
-    dv.zero_();
-  }
 
   Params p = make_params(op, s, q, k, v, cu_q, cu_k, seg, lens, bias, causal, scale);
   p.dout = dout.data_ptr();
@@ -80,17 +86,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
   p.o_head_stride = out.stride(1);
   p.lse = lse.data_ptr<float>();
   p.dlse = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
-  p.delta = delta.data_ptr<float>();
   p.reader_order = order.data_ptr<int32_t>();
   p.reader_offsets = offsets.data_ptr<int32_t>();
-  p.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();
-  p.dq = deterministic ? dq.data_ptr() : nullptr;
+  p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   p.dbias = bias_requires_grad ? dbias.data_ptr<float>() : nullptr;
 
-  dispatch(q.scalar_type(), s.head_dim, [&]<typename T, int D>() {
+  dispatch(q.scalar_type(), s.head_dim, bias.defined(), [&]<typename T, int D, bool kHasBias>() {
     using C = Tiles<D>;
+    // Short key segments (the fusion shapes): one CTA holds a whole segment, dQ without atomics.
+    const int64_t strips = std::max<int64_t>(1, (max_seqlen_k + 15) / 16);
+    if (strips <= C::kShortMaxWarps && short_backward_enabled()) {
+      const int warps = static_cast<int>(strips);
+      launch(attention_backward_short_kernel<T, D, kHasBias>, segment_grid(op, s.num_k_segments, 1, s.heads_kv),
+             32 * warps, C::short_smem(sizeof(T), 16 * warps), p);
+      return;
+    }
+    delta = at::empty({s.heads_q, s.total_q}, f32);
+    p.delta = delta.data_ptr<float>();
     constexpr int kDeltaThreads = 256;  // 8 warps, one (row, head) each
     const int64_t delta_blocks = (s.total_q * s.heads_q + kDeltaThreads / 32 - 1) / (kDeltaThreads / 32);
     VLCORE_CHECK(delta_blocks <= std::numeric_limits<int32_t>::max(), op, "too many rows for one launch");
@@ -99,15 +113,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
     p.q_tiles = tiles_for(max_seqlen_q, C::kQueries);
     const dim3 key_grid = segment_grid(op, s.num_k_segments, p.k_tiles, s.heads_kv);
     if (deterministic) {
-      launch(attention_backward_dkdv_kernel<T, D, false>, key_grid, C::kThreads, C::dkdv_smem(sizeof(T)), p);
-      launch(attention_backward_dq_kernel<T, D>, segment_grid(op, s.num_q_segments, p.q_tiles, s.heads_q),
+      launch(attention_backward_dkdv_kernel<T, D, false, kHasBias>, key_grid, C::kThreads, C::dkdv_smem(sizeof(T)), p);
+      launch(attention_backward_dq_kernel<T, D, kHasBias>, segment_grid(op, s.num_q_segments, p.q_tiles, s.heads_q),
              C::kThreads, C::dq_smem(sizeof(T)), p);
     } else {
-      launch(attention_backward_dkdv_kernel<T, D, true>, key_grid, C::kThreads, C::dkdv_smem(sizeof(T)), p);
+      dq_accum = at::zeros({s.total_q, s.heads_q, s.head_dim}, f32);
+      p.dq_accum = dq_accum.data_ptr<float>();
+      launch(attention_backward_dkdv_kernel<T, D, true, kHasBias>, key_grid, C::kThreads, C::dkdv_smem(sizeof(T)), p);
+      dq.copy_(dq_accum);
     }
   });
 
-  if (!deterministic) dq = dq_accum.to(q.scalar_type());
   at::Tensor grad_bias = at::empty({0}, q.options());
   if (bias_requires_grad) grad_bias = (key_bias->dim() == 1 ? dbias.sum(1) : dbias).to(key_bias->scalar_type());
   return {dq, dk, dv, grad_bias};

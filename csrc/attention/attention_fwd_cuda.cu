@@ -31,10 +31,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   Params p = make_params(op, s, q, k, v, cu_q, cu_k, seg, lens, bias, causal, scale);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  dispatch(q.scalar_type(), s.head_dim, [&]<typename T, int D>() {
+  dispatch(q.scalar_type(), s.head_dim, bias.defined(), [&]<typename T, int D, bool kHasBias>() {
     using C = Tiles<D>;
     p.q_tiles = tiles_for(max_seqlen_q, C::kQueries);
-    launch(attention_forward_kernel<T, D>, segment_grid(op, s.num_q_segments, p.q_tiles, s.heads_q), C::kThreads,
+    launch(attention_forward_kernel<T, D, kHasBias>, segment_grid(op, s.num_q_segments, p.q_tiles, s.heads_q), C::kThreads,
            C::forward_smem(sizeof(T)), p);
   });
   return {out, lse};

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <limits>
 #include <optional>
 
@@ -19,19 +20,23 @@ inline void check_cuda_support(const char* op, const at::Tensor& q) {
                "the CUDA kernels take float16 or bfloat16 inputs, got ", q.scalar_type(),
                " (float32 / float64 run on the CPU reference)");
   const int64_t d = q.size(2);
-  VLCORE_CHECK(d == 32 || d == 64 || d == 128, op, "on CUDA head_dim must be 32, 64 or 128, got ", d);
+  VLCORE_CHECK(d == 32 || d == 64 || d == 72 || d == 80 || d == 96 || d == 128, op,
+               "on CUDA head_dim must be one of 32, 64, 72, 80, 96, 128, got ", d,
+               " (other head dims run on the CPU reference)");
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
   VLCORE_CHECK(major >= 8, op, "the CUDA kernels need compute capability 8.0 or newer (mma.sync bf16), got ", major,
                ".x");
 }
 
-// The kernels read rows with 16-byte vectors: last dim contiguous, row and head strides multiples of 8
-// elements and a 16-byte aligned base. Anything else (rare: a sliced head dim) is copied once.
+// The kernels read rows with 16-byte vectors (cp.async): last dim contiguous, row and head strides
+// multiples of 8 elements and a 16-byte aligned base. Anything else (a sliced head dim; a contiguous view at
+// an odd storage offset, which contiguous() would return as it is) is copied once to a fresh, aligned buffer.
+// Decided on the host from the strides and data_ptr: no sync.
 inline at::Tensor vector_ready(const at::Tensor& t) {
   const bool ok = t.stride(2) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
                   reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  return ok ? t : t.contiguous();
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 inline int checked_int(const char* op, int64_t x, const char* what) {
@@ -70,6 +75,7 @@ inline Params make_params(const char* op, const attention_detail::Shape& s, cons
   p.num_k_segments = checked_int(op, s.num_k_segments, "num_k_segments");
   p.causal = causal;
   p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   return p;
 }
 
@@ -77,7 +83,11 @@ inline at::Tensor contiguous_opt(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->contiguous() : at::Tensor();
 }
 
-inline int tiles_for(int64_t max_len, int tile) { return static_cast<int>((max_len + tile - 1) / tile); }
+// Tiles per segment on the grid: at least one, so that a max_seqlen below the real lengths (even 0) still
+// starts a CTA per segment, which then loops over the tiles the segment has.
+inline int tiles_for(int64_t max_len, int tile) {
+  return static_cast<int>(std::max<int64_t>(1, (max_len + tile - 1) / tile));
+}
 
 // grid.x = segments x tiles, checked against the hardware limit.
 inline dim3 segment_grid(const char* op, int64_t segments, int tiles, int64_t heads) {
@@ -97,15 +107,26 @@ void launch(Kernel kernel, dim3 grid, int threads, size_t smem, const Params& p)
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Calls fn.template operator()<T, D>() for the input's dtype and head dim (checked by check_cuda_support).
+// Calls fn.template operator()<T, D, kHasBias>() for the input's dtype, head dim (checked by
+// check_cuda_support) and whether there is a key_bias (compiled out of the kernels when absent).
 template <typename Fn>
-void dispatch(at::ScalarType dtype, int64_t head_dim, Fn&& fn) {
+void dispatch(at::ScalarType dtype, int64_t head_dim, bool has_bias, Fn&& fn) {
+  auto by_bias = [&]<typename T, int D>() {
+    if (has_bias) {
+      fn.template operator()<T, D, true>();
+    } else {
+      fn.template operator()<T, D, false>();
+    }
+  };
   auto by_dim = [&](auto tag) {
     using T = decltype(tag);
     switch (head_dim) {
-      case 32: fn.template operator()<T, 32>(); break;
-      case 64: fn.template operator()<T, 64>(); break;
-      default: fn.template operator()<T, 128>(); break;
+      case 32: by_bias.template operator()<T, 32>(); break;
+      case 64: by_bias.template operator()<T, 64>(); break;
+      case 72: by_bias.template operator()<T, 72>(); break;
+      case 80: by_bias.template operator()<T, 80>(); break;
+      case 96: by_bias.template operator()<T, 96>(); break;
+      default: by_bias.template operator()<T, 128>(); break;
     }
   };
   if (dtype == at::kHalf) {

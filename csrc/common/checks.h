@@ -17,15 +17,16 @@ inline void check_same_device(const char* op, const at::Tensor& ref, const char*
 
 // cu_seqlens in flash-attn's convention: int32, 1-D, (batch + 1) entries with a leading 0.
 // The shape, dtype and device are checked everywhere; the values only where they can be read
-// without a host synchronisation (see check_cu_seqlens_values).
+// without a host synchronisation (see check_cu_seqlens_values). Ops that give an empty batch an empty
+// result pass min_batch = 0 (cu_seqlens = [0]).
 inline int64_t check_cu_seqlens_meta(const char* op, const at::Tensor& cu_seqlens, const at::Tensor& data,
-                                     const char* data_name) {
+                                     const char* data_name, int64_t min_batch = 1) {
   VLCORE_CHECK(cu_seqlens.scalar_type() == at::kInt, op, "cu_seqlens must be int32, got ",
                cu_seqlens.scalar_type());
   VLCORE_CHECK(cu_seqlens.dim() == 1, op, "cu_seqlens must be 1-D of shape (batch + 1,), got shape ",
                cu_seqlens.sizes());
-  VLCORE_CHECK(cu_seqlens.numel() >= 2, op, "empty batch: cu_seqlens must hold at least 2 entries ",
-               "(a leading 0 and one end offset), got ", cu_seqlens.numel());
+  VLCORE_CHECK(cu_seqlens.numel() >= min_batch + 1, op, "empty batch: cu_seqlens must hold at least ",
+               min_batch + 1, " entries (a leading 0 and one end offset per sample), got ", cu_seqlens.numel());
   check_same_device(op, data, data_name, cu_seqlens, "cu_seqlens");
   return cu_seqlens.numel() - 1;
 }

@@ -52,8 +52,8 @@ inline QuantizeConfig check_quantize(const at::Tensor& x, bool rowwise, bool col
   VLCORE_CHECK(!block_2d || (rows % 16 == 0 && cols % 16 == 0), op,
                "16x16 blocks need both dims to be multiples of 16, got x of shape ", x.sizes());
   VLCORE_CHECK(!block_2d || !(rht_rowwise || rht_columnwise), op,
-               "the Hadamard transform is for 1x16 blocks (activations and gradients); weights with 16x16 ",
-               "blocks are never transformed");
+               "block_2d=True cannot be combined with rht_rowwise / rht_columnwise: the Hadamard transform is for ",
+               "1x16 blocks (activations and gradients); weights with 16x16 blocks are never transformed");
   VLCORE_CHECK(!rht_rowwise || rowwise, op, "rht_rowwise needs rowwise=True");
   VLCORE_CHECK(!rht_columnwise || columnwise, op, "rht_columnwise needs columnwise=True");
   VLCORE_CHECK(seed >= 0 && offset >= 0, op, "seed and offset must be >= 0, got ", seed, " and ", offset);

@@ -5,10 +5,11 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/bmm.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -68,18 +69,12 @@ void quantize_matrix(std::vector<float>& src, int64_t rows, int64_t cols, const 
     }
   }
   at::parallel_for(0, rows, grain(cols), [&](int64_t r0, int64_t r1) {
-    uint32_t rand[kBlock] = {};
+    Philox4 rand = {};
     for (int64_t r = r0; r < r1; ++r) {
       for (int64_t b = 0; b < blocks_per_row; ++b) {
         const float* v = src.data() + r * cols + b * kBlock;
         const float block_amax = o.block_2d ? tile_amax[(r / kBlock) * blocks_per_row + b] : block_abs_max(v);
-        if (o.stochastic) {
-          const uint64_t first_group = static_cast<uint64_t>(r * cols + b * kBlock) / 4;
-          for (int g = 0; g < 4; ++g) {
-            const Philox4 bits = sr_bits(o.seed, o.offset, o.index, first_group + g);
-            for (int j = 0; j < 4; ++j) rand[4 * g + j] = bits.x[j];
-          }
-        }
+        if (o.stochastic) rand = sr_bits(o.seed, o.offset, o.index, static_cast<uint64_t>(r * blocks_per_row + b));
         const uint8_t scale =
             quantize_block16(v, block_amax, s_enc, s_dec, o.stochastic, rand, codes + r * (cols / 2) + b * 8);
         scales[o.swizzle ? swizzled_scale_index(r, b, blocks_per_row) : r * blocks_per_row + b] = scale;
@@ -113,6 +108,26 @@ void hadamard_rows(const T* in, T* out, int64_t blocks, bool inverse, uint32_t m
   });
 }
 
+// codes [R, C/2] and plain scales [R, C/16] -> e2m1 x block scale as BF16 [R, C], exact, with the
+// block decode that the CUDA GEMM uses (nvfp4_math.h).
+at::Tensor decode_bf16(const at::Tensor& codes, const at::Tensor& scales) {
+  const int64_t rows = codes.size(0), cols = 2 * codes.size(1), blocks = rows * (cols / kBlock);
+  const at::Tensor q = codes.contiguous();
+  const at::Tensor s = scales.view(at::kByte).contiguous();
+  at::Tensor out = at::empty({rows, cols}, codes.options().dtype(at::kBFloat16));
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const uint8_t* sp = s.data_ptr<uint8_t>();
+  uint32_t* op = reinterpret_cast<uint32_t*>(out.data_ptr());
+  at::parallel_for(0, blocks, grain(kBlock), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {  // rows hold whole blocks: one flat block index covers them all
+      uint32_t w[2];
+      std::memcpy(w, qp + 8 * b, 8);
+      decode_block16_bf16(w[0], w[1], sp[b], op + 8 * b);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> nvfp4_quantize_cpu(
@@ -141,24 +156,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 at::Tensor nvfp4_dequantize_cpu(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& amax,
                                 at::ScalarType dtype) {
   nvfp4_detail::check_dequantize(codes, scales, amax, dtype);
-  const int64_t rows = codes.size(0), cols = 2 * codes.size(1);
-  const at::Tensor q = codes.contiguous();
-  const at::Tensor s = scales.view(at::kByte).contiguous();
-  const float factor = nvfp4::decode_factor(amax.reshape({}).item<float>());
-  at::Tensor out32 = at::empty({rows, cols}, codes.options().dtype(at::kFloat));
-  const uint8_t* qp = q.data_ptr<uint8_t>();
-  const uint8_t* sp = s.data_ptr<uint8_t>();
-  float* op = out32.data_ptr<float>();
-  at::parallel_for(0, rows, grain(cols), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t i = 0; i < cols; ++i) {
-        const uint8_t byte = qp[r * (cols / 2) + i / 2];
-        const float e = nvfp4::e2m1_to_float((i & 1) ? (byte >> 4) : (byte & 0xF));
-        // e * sb is exact (<= 6 significant bits); one rounding when applying the tensor factor.
-        op[r * cols + i] = (e * nvfp4::e4m3_to_float(sp[r * (cols / 16) + i / 16])) * factor;
-      }
-    }
-  });
+  // e2m1 x sb is exact in BF16; one FP32 rounding when applying the tensor factor.
+  const at::Tensor decoded = decode_bf16(codes, scales).to(at::kFloat);
+  const at::Tensor out32 = decoded.mul_(nvfp4::decode_factor(amax.reshape({}).item<float>()));
   return dtype == at::kFloat ? out32 : out32.to(dtype);
 }
 
@@ -168,63 +168,15 @@ at::Tensor nvfp4_gemm_cpu(const at::Tensor& a_codes, const at::Tensor& a_scales,
   nvfp4_detail::check_gemm(a_codes, a_scales, a_amax, b_codes, b_scales, b_amax, out_dtype);
   const int64_t m = a_codes.size(0), n = b_codes.size(0), k = 2 * a_codes.size(1);
   // K == 0: an empty sum is 0 whatever the amaxes; alpha (Inf or NaN for a non-finite amax) is not applied,
-  // so that the result is zeros, as from the CUDA kernel.
-  if (k == 0) return at::zeros({m, n}, a_codes.options().dtype(out_dtype));
-  // Decode each operand to e2m1 x block scale, exact in FP32 (the tensor factor goes into alpha).
-  auto decode = [](const at::Tensor& codes, const at::Tensor& scales) {
-    const int64_t rows = codes.size(0), cols = 2 * codes.size(1);
-    const at::Tensor q = codes.contiguous();
-    const at::Tensor s = scales.view(at::kByte).contiguous();
-    at::Tensor out = at::empty({rows, cols}, codes.options().dtype(at::kFloat));
-    const uint8_t* qp = q.data_ptr<uint8_t>();
-    const uint8_t* sp = s.data_ptr<uint8_t>();
-    float* op = out.data_ptr<float>();
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t i = 0; i < cols; ++i) {
-        const uint8_t byte = qp[r * (cols / 2) + i / 2];
-        op[r * cols + i] = nvfp4::e2m1_to_float((i & 1) ? (byte >> 4) : (byte & 0xF)) *
-                           nvfp4::e4m3_to_float(sp[r * (cols / 16) + i / 16]);
-      }
-    }
-    return out;
-  };
-  const int64_t k_blocks = k / 16;
-  const at::Tensor a = decode(a_codes, a_scales), b = decode(b_codes, b_scales);
+  // so that the result is zeros, as on CUDA.
+  if (k == 0) return at::zeros({m, n}, a_codes.options().dtype(at::kFloat)).to(out_dtype);
+  // The structure of the CUDA path: both operands decoded exactly to BF16 (the same decode function),
+  // one FP32-accumulated product A . B^T, then alpha = amax_a * amax_b / 2688^2 and the output dtype.
+  const at::Tensor a = decode_bf16(a_codes, a_scales).to(at::kFloat);
+  const at::Tensor b = decode_bf16(b_codes, b_scales).to(at::kFloat);
   const float alpha = a_amax.reshape({}).item<float>() * b_amax.reshape({}).item<float>() /
                       (nvfp4::kFp4Fp8Max * nvfp4::kFp4Fp8Max);
-  // Each 16-element partial sum is exact in FP32 whatever the order (a common factor sa*sb times a sum of
-  // 16 e2m1 products, < 2^12 units); the partials are added block after block in FP32, the accumulation
-  // of the tensor-core GEMM (TE's reference qgemm does the same). Two schedules, the same bits: a plain
-  // loop for small products (no thread-pool overhead), batched matmuls for the partials of large ones.
-  at::Tensor acc = at::zeros({m, n}, a_codes.options().dtype(at::kFloat));
-  if (m * n * k <= (int64_t(1) << 22)) {
-    const float* ap = a.data_ptr<float>();
-    const float* bp = b.data_ptr<float>();
-    float* cp = acc.data_ptr<float>();
-    for (int64_t r = 0; r < m; ++r) {
-      for (int64_t c = 0; c < n; ++c) {
-        float sum = 0.0f;
-        for (int64_t kb = 0; kb < k; kb += 16) {
-          float partial = 0.0f;
-          for (int i = 0; i < 16; ++i) partial += ap[r * k + kb + i] * bp[c * k + kb + i];
-          sum += partial;
-        }
-        cp[r * n + c] = sum;
-      }
-    }
-  } else {
-    const at::Tensor a3 = a.view({m, k_blocks, 16}).transpose(0, 1);   // [KB, M, 16]
-    const at::Tensor b3 = b.view({n, k_blocks, 16}).permute({1, 2, 0});  // [KB, 16, N]
-    const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 24) / std::max<int64_t>(1, m * n));  // <= 64 MiB
-    for (int64_t kb0 = 0; kb0 < k_blocks; kb0 += chunk) {
-      const int64_t len = std::min(chunk, k_blocks - kb0);
-      const at::Tensor partial = at::bmm(a3.narrow(0, kb0, len), b3.narrow(0, kb0, len));
-      for (int64_t i = 0; i < len; ++i) acc.add_(partial[i]);
-    }
-  }
-  at::Tensor out32 = acc;
-  float* op = out32.data_ptr<float>();
-  for (int64_t i = 0; i < m * n; ++i) op[i] = alpha * op[i];
+  const at::Tensor out32 = at::mm(a, b.t()).mul_(alpha);
   return out_dtype == at::kFloat ? out32 : out32.to(out_dtype);
 }
 

@@ -1,8 +1,8 @@
 #pragma once
 // NVFP4 arithmetic shared by the CPU reference and the CUDA kernels, so that both produce the same bits.
 //
-// Everything here follows /work/shared/specs/nvfp4.md §1.4 (TransformerEngine's default, non fast-math
-// path): FP32 throughout, the block scale as amax_b * (S_enc * fl32(1/6)), the element scale from the
+// Everything here follows docs/nvfp4.md, 'Scale computation' (TransformerEngine's default, non
+// fast-math path): FP32 throughout, the block scale as amax_b * (S_enc * fl32(1/6)), the element scale from the
 // *quantized* block scale, E2M1 round-to-nearest-even with saturation. Every product below is a single
 // IEEE multiply: no expression has the shape a*b+c with an inexact product, so FMA contraction by nvcc
 // cannot change a result (the one a*b+c, in stochastic rounding, has an exact product).
@@ -13,6 +13,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#endif
 
 #if defined(__CUDACC__)
 #define NVFP4_HD __host__ __device__ __forceinline__
@@ -85,11 +89,18 @@ NVFP4_HD float round_to_bf16(float f) {
 // E4M3 ("fn": bias 7, max 448, no Inf) block scales. Inputs are >= 0 (amax products) or NaN.
 
 // RNE with saturation to 448, like __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3). Returns the byte.
+// sm_89 and later have the conversion in hardware (cvt.rn.satfinite.e4m3x2.f32: RNE, NaN -> 0x7F, |v| >=
+// 448 and Inf -> 448 with the sign), which gives the same byte as the software path below for every input.
 NVFP4_HD uint8_t e4m3_from_float_satfinite(float v) {
+  if (is_nan(v)) return 0x7F;  // one NaN byte whatever the sign and payload, on every path
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  uint16_t pair;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(0.0f), "f"(v));
+  return static_cast<uint8_t>(pair & 0xFFu);  // the second source operand goes to the low byte
+#else
   const uint32_t u = float_bits(v);
   const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80u);
   const float a = abs_f(v);
-  if (is_nan(v)) return 0x7F;
   if (a >= kE4m3Max) return sign | 0x7E;      // also Inf: satfinite
   if (a < 0.015625f) {                        // below 2^-6: subnormal, step 2^-9 (code 8 = 2^-6 itself)
     const float q = round_half_even(a * 512.0f);  // exact product
@@ -100,6 +111,7 @@ NVFP4_HD uint8_t e4m3_from_float_satfinite(float v) {
   m += 0x7FFFFu + ((m >> 20) & 1u);
   const uint32_t code = (m >> 20) - ((127u - 7u) << 3);
   return sign | static_cast<uint8_t>(code > 0x7Eu ? 0x7Eu : code);  // 464..: would be 480, saturate
+#endif
 }
 
 NVFP4_HD float e4m3_to_float(uint8_t b) {
@@ -164,18 +176,85 @@ NVFP4_HD uint8_t e2m1_stochastic(float s, uint32_t r8) {
   return static_cast<uint8_t>(mag | ((float_bits(s) >> 28) & 0x8u));
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// Scales (§1.3, §1.4, §1.5).
+// Byte select of PTX prmt / __byte_perm: byte n of the result is byte ((s >> 4n) & 7) of y:x (x bytes 0-3).
+NVFP4_HD uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t s) {
+#if defined(__CUDA_ARCH__)
+  return __byte_perm(x, y, s);
+#else
+  const uint64_t v = (static_cast<uint64_t>(y) << 32) | x;
+  uint32_t r = 0;
+  for (int n = 0; n < 4; ++n) r |= static_cast<uint32_t>((v >> (8 * ((s >> (4 * n)) & 7u))) & 0xFFu) << (8 * n);
+  return r;
+#endif
+}
 
-// S_enc = fminf(2688 / amax, FLT_MAX), 1 when amax == 0 or the quotient is 0 (amax = Inf).
+// Four E2M1 codes (nibbles of `q`, element j in bits 4j..4j+3) as BF16 bit patterns, exact: element 0/1 in
+// the low/high half of `w01`, 2/3 in `w23`. Two table lookups of 8 bytes (low and high byte of the BF16
+// magnitude, indexed by the 3 magnitude bits) and the sign bit moved to bit 15 of its half.
+NVFP4_HD void e2m1x4_to_bf16x4(uint32_t q, uint32_t& w01, uint32_t& w23) {
+  const uint32_t sel = q & 0x7777u;
+  const uint32_t lo = byte_perm(0xC0800000u, 0xC0804000u, sel);  // 0 .5 1 1.5 | 2 3 4 6: low bytes
+  const uint32_t hi = byte_perm(0x3F3F3F00u, 0x40404040u, sel);  // high bytes
+  w01 = byte_perm(lo, hi, 0x5140u) | ((q << 12) & 0x8000u) | ((q << 24) & 0x80000000u);
+  w23 = byte_perm(lo, hi, 0x7362u) | ((q << 4) & 0x8000u) | ((q << 16) & 0x80000000u);
+}
+
+// One 16-element block: codes q0 (elements 0-7) and q1 (8-15), the E4M3 scale byte -> e2m1 x scale as 8
+// words of BF16 pairs (element 2i in the low half of word i). Exact: the product has at most 6
+// significant bits and lies in [2^-10, 2688] (or is 0, or NaN for the NaN scale byte), which BF16 holds,
+// so the BF16 multiply on the device and the FP32 multiply on the host give the same bits.
+NVFP4_HD void decode_block16_bf16(uint32_t q0, uint32_t q1, uint8_t scale, uint32_t* out) {
+  uint32_t e[8];
+  e2m1x4_to_bf16x4(q0, e[0], e[1]);
+  e2m1x4_to_bf16x4(q0 >> 16, e[2], e[3]);
+  e2m1x4_to_bf16x4(q1, e[4], e[5]);
+  e2m1x4_to_bf16x4(q1 >> 16, e[6], e[7]);
+  const float sb = e4m3_to_float(scale);
+#if defined(__CUDA_ARCH__)
+  const uint32_t sb_bits = float_bits(sb) >> 16;  // exact: an E4M3 value has 4 significant bits
+  const __nv_bfloat162 s2 = __halves2bfloat162(__ushort_as_bfloat16(static_cast<unsigned short>(sb_bits)),
+                                               __ushort_as_bfloat16(static_cast<unsigned short>(sb_bits)));
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const __nv_bfloat162 p = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&e[i]), s2);
+    out[i] = *reinterpret_cast<const uint32_t*>(&p);
+  }
+#else
+  for (int i = 0; i < 8; ++i) {
+    const float lo = bits_float(e[i] << 16) * sb, hi = bits_float(e[i] & 0xFFFF0000u) * sb;
+    out[i] = (float_bits(lo) >> 16) | (float_bits(hi) & 0xFFFF0000u);
+  }
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Scales (docs/nvfp4.md, 'Scale computation').
+
+// S_enc = fminf(2688 / amax, FLT_MAX), 1 when amax == 0 or the quotient is 0 (amax = Inf). A NaN or
+// negative amax (only a caller-supplied one can be) gives NaN: every block scale becomes the E4M3 NaN
+// byte, so the copy decodes to NaN instead of to silently wrong values.
 NVFP4_HD float global_encode_scale(float amax) {
+  if (is_nan(amax) || amax < 0.0f) return bits_float(0x7FC00000u);
   float s = min_drop_nan(kFp4Fp8Max / amax, FLT_MAX);
   if (amax == 0.0f || s == 0.0f) s = 1.0f;
   return s;
 }
 
-// S_dec = 1 / S_enc, computed in double and rounded once to float, as TE does.
-NVFP4_HD float global_decode_scale(float s_enc) { return static_cast<float>(1.0 / static_cast<double>(s_enc)); }
+// 1 / v correctly rounded to FP32 (IEEE division; __frcp_rn is the same rounding, cheaper on the device).
+NVFP4_HD float reciprocal_rn(float v) {
+#if defined(__CUDA_ARCH__)
+  return __frcp_rn(v);
+#else
+  return 1.0f / v;
+#endif
+}
+
+// S_dec = 1 / S_enc. TE computes it in double and rounds once to float; the FP32 reciprocal is the same
+// float for every input: for a float s that is not a power of two, 1/s is at least 2^-49 (relative) away
+// from every midpoint between floats (s * midpoint would otherwise be an odd multiple of a power of two
+// equal to 1), while rounding to double moves it by at most 2^-53, so both round to the same side. The
+// test compares the two formulas over all positive floats' reciprocals that the amax can produce.
+NVFP4_HD float global_decode_scale(float s_enc) { return reciprocal_rn(s_enc); }
 
 struct BlockScale {
   uint8_t e4m3;   // stored byte
@@ -188,7 +267,7 @@ NVFP4_HD BlockScale block_scale(float block_amax, float s_enc, float s_dec) {
   BlockScale out;
   out.e4m3 = e4m3_from_float_satfinite(block_amax * scaled);
   const float sb = e4m3_to_float(out.e4m3);
-  out.encode = min_drop_nan(1.0f / (sb * s_dec), FLT_MAX);  // 1/0 = Inf -> FLT_MAX for an all-zero block
+  out.encode = min_drop_nan(reciprocal_rn(sb * s_dec), FLT_MAX);  // 1/0 = Inf -> FLT_MAX for an all-zero block
   return out;
 }
 
@@ -276,27 +355,31 @@ NVFP4_HD Philox4 philox4x32_10(Philox4 ctr, uint32_t k0, uint32_t k1) {
   return ctr;
 }
 
-// The 4 words for elements 4g .. 4g+3 of an orientation's output (row-major index in that output).
-// Counter = (g, orientation, offset), key = seed. Element 4g+j takes the top 8 bits of word j.
-NVFP4_HD Philox4 sr_bits(uint64_t seed, uint64_t offset, int orientation, uint64_t group) {
-  const Philox4 ctr = {{static_cast<uint32_t>(group),
-                        static_cast<uint32_t>(group >> 32) ^ (orientation ? 0x80000000u : 0u),
+// Stochastic-rounding stream (docs/nvfp4.md, 'Stochastic rounding stream'): ONE draw per 16-element
+// block. Block `block` is the row-major index of the block in the orientation's output (flat element
+// index / 16); counter = (block, orientation, offset), key = seed. Its 16 random bytes go one per
+// element: element i of the block takes byte (i % 4) of word (i / 4), i.e. sr_byte(bits, i).
+NVFP4_HD Philox4 sr_bits(uint64_t seed, uint64_t offset, int orientation, uint64_t block) {
+  const Philox4 ctr = {{static_cast<uint32_t>(block),
+                        static_cast<uint32_t>(block >> 32) ^ (orientation ? 0x80000000u : 0u),
                         static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32)}};
   return philox4x32_10(ctr, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
+NVFP4_HD uint32_t sr_byte(const Philox4& bits, int i) { return (bits.x[i >> 2] >> (8 * (i & 3))) & 0xFFu; }
+
 // ---------------------------------------------------------------------------------------------------------
 // One 16-element block, already transformed (RHT) if requested: codes (packed, low nibble = even
-// element) and the scale byte. `rand` holds the 16 words (4 Philox draws) when stochastic.
+// element) and the scale byte. `rand` is the block's draw (sr_bits) when stochastic.
 
 NVFP4_HD uint8_t quantize_block16(const float* v, float block_amax, float s_enc, float s_dec, bool stochastic,
-                                  const uint32_t* rand, uint8_t* packed /* 8 bytes */) {
+                                  const Philox4& rand, uint8_t* packed /* 8 bytes */) {
   const BlockScale bs = block_scale(block_amax, s_enc, s_dec);
 #pragma unroll
   for (int i = 0; i < 16; i += 2) {
     const float s0 = v[i] * bs.encode, s1 = v[i + 1] * bs.encode;
-    const uint8_t c0 = stochastic ? e2m1_stochastic(s0, rand[i] >> 24) : e2m1_rne(s0);
-    const uint8_t c1 = stochastic ? e2m1_stochastic(s1, rand[i + 1] >> 24) : e2m1_rne(s1);
+    const uint8_t c0 = stochastic ? e2m1_stochastic(s0, sr_byte(rand, i)) : e2m1_rne(s0);
+    const uint8_t c1 = stochastic ? e2m1_stochastic(s1, sr_byte(rand, i + 1)) : e2m1_rne(s1);
     packed[i / 2] = static_cast<uint8_t>(c0 | (c1 << 4));
   }
   return bs.e4m3;

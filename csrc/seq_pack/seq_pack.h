@@ -9,6 +9,7 @@
 
 #include <array>
 #include <cstring>
+#include <exception>
 #include <tuple>
 #include <vector>
 
@@ -23,13 +24,17 @@ struct Layout {
   std::vector<int64_t> out_sizes;
 };
 
+// The shape checks below are the part of the value checks that needs no read of cu_seqlens: T tokens
+// cannot fit B samples of at most L tokens each when T > B * L, so some sample overflows padded_len.
 inline Layout check_pack(const at::Tensor& padded, const at::Tensor& cu_seqlens, int64_t total_tokens) {
   constexpr const char* op = "seq_pack";
   VLCORE_CHECK(padded.dim() >= 2, op, "padded must have shape (batch, padded_len, ...), got ", padded.sizes());
-  const int64_t batch = check_cu_seqlens_meta(op, cu_seqlens, padded, "padded");
+  const int64_t batch = check_cu_seqlens_meta(op, cu_seqlens, padded, "padded", /*min_batch=*/0);
   VLCORE_CHECK(batch == padded.size(0), op, "cu_seqlens must have batch + 1 = ", padded.size(0) + 1,
                " entries for padded of shape ", padded.sizes(), ", got ", cu_seqlens.numel());
   VLCORE_CHECK(total_tokens >= 0, op, "total_tokens must be >= 0, got ", total_tokens);
+  VLCORE_CHECK(total_tokens <= batch * padded.size(1), op, "total_tokens = ", total_tokens, " cannot fit ", batch,
+               " samples of at most padded_len (padded.size(1)) = ", padded.size(1), " tokens");
   Layout l{batch, padded.size(1), row_bytes(padded, 2), {}};
   l.out_sizes = padded.sizes().slice(1).vec();
   l.out_sizes[0] = total_tokens;
@@ -39,8 +44,10 @@ inline Layout check_pack(const at::Tensor& padded, const at::Tensor& cu_seqlens,
 inline Layout check_unpack(const at::Tensor& packed, const at::Tensor& cu_seqlens, int64_t padded_len) {
   constexpr const char* op = "seq_unpack";
   VLCORE_CHECK(packed.dim() >= 1, op, "packed must have shape (total_tokens, ...), got a 0-d tensor");
-  const int64_t batch = check_cu_seqlens_meta(op, cu_seqlens, packed, "packed");
+  const int64_t batch = check_cu_seqlens_meta(op, cu_seqlens, packed, "packed", /*min_batch=*/0);
   VLCORE_CHECK(padded_len >= 0, op, "padded_len must be >= 0, got ", padded_len);
+  VLCORE_CHECK(packed.size(0) <= batch * padded_len, op, "packed has ", packed.size(0), " tokens, more than ", batch,
+               " samples of at most padded_len = ", padded_len, " tokens hold");
   Layout l{batch, padded_len, row_bytes(packed, 1), {}};
   l.out_sizes = packed.sizes().vec();
   l.out_sizes[0] = padded_len;
@@ -75,7 +82,8 @@ inline void check_scatter_backward(const at::Tensor& grad_out, const at::Tensor&
   check_same_device(op, grad_out, "grad_out", image_positions, "image_positions");
 }
 
-// Uninitialised gradients of scatter_image_embeds: (grad_text like grad_out, grad_image [N, *row]).
+// Uninitialised gradients of scatter_image_embeds (grad_text like grad_out, grad_image [N, *row]): every
+// row of both is written by the kernels, also for duplicate or out-of-range positions (then with zeros).
 inline std::tuple<at::Tensor, at::Tensor> empty_scatter_grads(const at::Tensor& grad_out, int64_t num_image_tokens) {
   std::vector<int64_t> image_sizes = grad_out.sizes().vec();
   image_sizes[0] = num_image_tokens;
@@ -84,7 +92,12 @@ inline std::tuple<at::Tensor, at::Tensor> empty_scatter_grads(const at::Tensor& 
 
 // The pad value as 16 bytes: the element's bytes repeated, so any power-of-two vector width reads it.
 inline std::array<unsigned char, 16> pad_pattern(const c10::Scalar& pad_value, at::ScalarType dtype) {
-  const at::Tensor one = at::scalar_tensor(pad_value, at::TensorOptions().dtype(dtype));
+  at::Tensor one;
+  try {
+    one = at::scalar_tensor(pad_value, at::TensorOptions().dtype(dtype));
+  } catch (const std::exception&) {  // the checked conversion throws a std::runtime_error naming no argument
+    VLCORE_CHECK(false, "seq_unpack", "pad_value = ", pad_value, " does not fit the dtype ", dtype, " of packed");
+  }
   const int64_t n = one.element_size();
   VLCORE_CHECK(16 % n == 0, "seq_unpack", "unsupported element size ", n, " for dtype ", dtype);
   std::array<unsigned char, 16> pattern{};

@@ -116,3 +116,18 @@ def test_gate_at_zero_silences_cross_attention():
 def test_bad_head_layouts_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SelfAttention(**kwargs)
+
+
+@pytest.mark.parametrize("impl", ["torch", "vlcore"])
+def test_packed_key_lengths_match_loop(impl):
+    cu = torch.tensor([0, 3, 7, 9], dtype=torch.int32)
+    q, k, v = torch.randn(9, 2, 4), torch.randn(9, 2, 4), torch.randn(9, 2, 4)
+    key_lengths = torch.tensor([2, 0, 9], dtype=torch.int32)  # 0: no key (out 0); 9: clamped to the segment
+    out = backend.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=4, max_seqlen_k=4,
+                            key_lengths=key_lengths, impl=impl)
+    for s in range(3):
+        rows = slice(cu[s], cu[s + 1])
+        n = min(int(key_lengths[s]), int(cu[s + 1] - cu[s]))
+        keys = slice(int(cu[s]), int(cu[s]) + n)
+        torch.testing.assert_close(out[rows].double(), _loop_attention(q[rows], k[keys], v[keys], False),
+                                   atol=1e-5, rtol=1e-5)

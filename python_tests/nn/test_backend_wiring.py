@@ -21,7 +21,6 @@ def stand_in_ops(monkeypatch):
                   causal=False, scale=None, key_bias=None, kv_segment=None, return_lse=False, key_lengths=None):
         assert not return_lse
         if cu_seqlens_q is None:
-            assert key_bias is None  # the documented dense form takes key_lengths only
             assert q.dim() == 4 and (key_lengths is None or key_lengths.dtype == torch.int32)
         else:
             assert q.dim() == 3 and cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32
@@ -102,3 +101,36 @@ def test_captioner_runs_through_the_ops(stand_in_ops, connector):
     assert candidate.generate(images, prompts, max_new_tokens=3) == reference.generate(images, prompts, max_new_tokens=3)
     connector_op = "patch_merge_2x2" if connector["kind"] == "merge_2x2" else "token_pool_2d"
     assert {"attention", connector_op} <= set(stand_in_ops)
+
+
+@pytest.mark.parametrize("name, want", [("parse_r", "vlcore.nn.tome.parse_r"),
+                                        ("TorchTomeMatch", "vlcore.ops.tome.TomeMatchRef"), ("has_op", "hasattr")])
+def test_moved_names_warn_and_still_work(name, want):
+    with pytest.warns(DeprecationWarning, match=want):
+        value = getattr(backend, name)
+    assert value is not None
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        backend.nothing_here  # noqa: B018
+
+
+def test_torch_impl_runs_the_ops_references(monkeypatch):
+    """impl="torch" is the op family's reference, not a copy of it: a spy on each reference sees the call."""
+    import vlcore.ops.token_grid as grid_ops
+    import vlcore.ops.tome as tome_ops
+
+    seen = []
+    for module, name in ((tome_ops, "tome_match_ref"), (tome_ops, "tome_merge_ref"),
+                         (grid_ops, "token_pool_2d_ref"), (grid_ops, "patch_merge_2x2_ref")):
+        real = getattr(module, name)
+        monkeypatch.setattr(backend, name, lambda *a, _real=real, _name=name, **k: seen.append(_name) or _real(*a, **k))
+    x = torch.randn(2, 16, 3)
+    match = backend.tome_match(x, 4, impl="torch")
+    backend.tome_merge(x, match, impl="torch")
+    backend.token_pool_2d(x, (4, 4), stride=2, impl="torch")
+    backend.patch_merge_2x2(x, (4, 4), impl="torch")
+    assert seen == ["tome_match_ref", "tome_merge_ref", "token_pool_2d_ref", "patch_merge_2x2_ref"]
+
+
+def test_unknown_impl_names_the_argument():
+    with pytest.raises(ValueError, match="impl must be 'vlcore' or 'torch', got 'cuda'"):
+        backend.patch_merge_2x2(torch.zeros(1, 4, 1), (2, 2), impl="cuda")

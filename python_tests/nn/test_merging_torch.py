@@ -1,5 +1,5 @@
-"""The plain-PyTorch token reduction of vlcore.nn.backend: ToMe's bipartite soft matching + size-weighted
-merge against a per-token loop written from vlp.md §2.2, proportional attention == duplicated keys, the
+"""The plain-PyTorch token reduction of vlcore.nn.backend (impl="torch" runs the ops' references): ToMe's
+bipartite soft matching + size-weighted merge against a per-token loop written from docs/tome.md, proportional attention == duplicated keys, the
 ViT's ToMe schedule, and the pooling connectors against loops."""
 
 import pytest
@@ -8,10 +8,11 @@ import torch.nn.functional as F
 
 from vlcore.models import create_model
 from vlcore.nn import backend
+from vlcore.nn.tome import parse_r
 
 
 def _tome_loop(x, size, metric, r, class_token):
-    """One batch row: x [N, C], size [N], metric [N, c] -> merged x, size (vlp.md §2.2 steps 1-8)."""
+    """One batch row: x [N, C], size [N], metric [N, c] -> merged x, size (docs/tome.md, the matching steps)."""
     n = x.shape[0]
     r = min(r, (n - int(class_token)) // 2)
     if r <= 0:
@@ -59,7 +60,7 @@ def test_tome_matches_the_loop(tokens, r, class_token):
 
 
 def test_proportional_attention_equals_duplicated_keys():
-    # softmax(qk + log s) over a token of size s == softmax over s copies of that token (ToMe §2.2 step 9)
+    # softmax(qk + log s) over a token of size s == softmax over s copies of that token (proportional attention)
     q, k, v = torch.randn(1, 3, 2, 4), torch.randn(1, 4, 2, 4), torch.randn(1, 4, 2, 4)
     size = torch.tensor([[1, 3, 2, 1]])
     out = backend.attention(q, k, v, key_bias=size.float().log())
@@ -70,7 +71,7 @@ def test_proportional_attention_equals_duplicated_keys():
 
 @pytest.mark.parametrize("r, want", [(3, [3, 3, 3, 3]), ((2, -1.0), [4, 2, 1, 0]), ([1, 2], [1, 2, 0, 0]), ((2, 0.5), [1, 1, 2, 3])])
 def test_parse_r_schedules(r, want):
-    assert backend.parse_r(4, r) == want
+    assert parse_r(4, r) == want
 
 
 def test_vit_with_tome_merges_per_schedule_and_keeps_patch_count():

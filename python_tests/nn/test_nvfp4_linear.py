@@ -23,7 +23,7 @@ def deq(t):
 
 
 def reference_linear(x, w, b, grad_out, recipe, seed, offset):
-    """The recipe written with quantize + dequantize + float64 matmuls (spec §6)."""
+    """The recipe written with quantize + dequantize + float64 matmuls (docs/nvfp4.md, 'Training recipe')."""
     rht, sr, two_d = recipe.rht, recipe.stochastic_rounding, recipe.block_2d_weights
     k, n = w.shape[1], w.shape[0]
     x2, g2 = x.reshape(-1, k), grad_out.reshape(-1, n)

@@ -30,7 +30,6 @@ def tome_parse_r(num_layers, r):
 @pytest.mark.parametrize("r", [0, 3, 8, 16, (16, -1.0), (8, -0.5), (13, 0.0), (7, 0.5), (9, 1.0), [1, 2, 3], [5] * 30])
 def test_parse_r_is_tomes(num_layers, r):
     assert parse_r(num_layers, r) == tome_parse_r(num_layers, r)
-    assert backend.parse_r(num_layers, r) == tome_parse_r(num_layers, r)  # the backend delegates here
 
 
 def test_parse_r_schedules_and_errors():

@@ -4,6 +4,7 @@ Low-precision results follow flash-attn's rule: the kernel's error against the f
 twice the error of the same reference computed in the same dtype, plus a small atol.
 """
 
+import importlib
 import math
 
 import pytest
@@ -17,6 +18,9 @@ from vlcore.ops.attention import attention_ref
 
 from ..conftest import DEVICES
 
+# The module (vlcore.ops.attention is also the name of the function).
+attention_module = importlib.import_module("vlcore.ops.attention")
+
 # (query lengths, key lengths): empty segments, single tokens, lengths that are no tile multiple, the
 # text -> image fusion shape, more than one CPU chunk of queries (128) and of keys (512).
 CASES = [
@@ -26,7 +30,26 @@ CASES = [
     ([130, 2], [3, 130]),
     ([3, 70], [600, 1]),
 ]
-HEADS = [(2, 2), (4, 1)]  # (Hq, Hkv): MHA and MQA
+HEADS = [(2, 2), (4, 1)]
+# Every CUDA backward path, chosen explicitly: the short-key kernel (key segments that fit one CTA), the
+# tiled one with atomic dQ, the tiled deterministic one. Explicit because the poisoned fixture turns
+# deterministic algorithms on (torch fills uninitialised memory only then), which would otherwise always
+# select the deterministic path. On CPU the three are the same reference.
+BACKWARDS = ["short_keys", "atomic_dq", "deterministic"]
+
+
+@pytest.fixture(params=BACKWARDS)
+def deterministic(request, monkeypatch):
+    """The deterministic flag to pass for the backward path under test (the short-key kernel is switched by
+    the VLCORE_ATTENTION_SHORT_BACKWARD environment variable, read at each call)."""
+    monkeypatch.setenv("VLCORE_ATTENTION_SHORT_BACKWARD", "1" if request.param == "short_keys" else "0")
+    return request.param == "deterministic"
+
+
+@pytest.fixture
+def backward_path(request):
+    return request.node.callspec.params["deterministic"]
+HEAD_DIMS = [32, 64, 72, 80, 96, 128]  # every head dim the CUDA kernels are built for  # (Hq, Hkv): MHA and MQA
 # (heads, key_bias kind): MHA without bias, MQA with a per-key bias, GQA with a per-head bias.
 VARIANTS = [((2, 2), None), ((4, 1), "per_key"), ((4, 2), "per_head")]
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -115,7 +138,7 @@ def check_against_reference(device, dtype, op_fn, ref_fn, tensors, out_shape, ls
 @pytest.mark.parametrize("lengths", CASES)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("heads,bias", VARIANTS)
-def test_attention_matches_reference(device, dtype, lengths, causal, heads, bias, poisoned):
+def test_attention_matches_reference(device, dtype, lengths, causal, heads, bias, deterministic, poisoned):
     lq, lk = lengths
     head_dim = 64 if device == "cuda" else 8
     q, k, v, key_bias = make_inputs(lq, lk, heads, head_dim, dtype, device, bias)
@@ -124,7 +147,7 @@ def test_attention_matches_reference(device, dtype, lengths, causal, heads, bias
 
     def op_fn(q, k, v, key_bias):
         return vlcore.ops.attention(q, k, v, cu_q, cu_k, max(lq), max(lk), causal=causal, key_bias=key_bias,
-                                    return_lse=True)
+                                    return_lse=True, deterministic=deterministic)
 
     def ref_fn(q, k, v, key_bias):
         return attention_ref(q, k, v, cu_q_cpu, cu_k_cpu, causal=causal, key_bias=key_bias, return_lse=True)
@@ -133,8 +156,8 @@ def test_attention_matches_reference(device, dtype, lengths, causal, heads, bias
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("head_dim", [32, 64, 128])
-def test_attention_head_dims(device, head_dim, poisoned):
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_attention_head_dims(device, head_dim, deterministic, poisoned):
     # Every head dim the CUDA kernels are built for (each has its own tile shape), on the fusion shape.
     dtype = dtypes_for(device)[-1]
     lq, lk = [40, 3], [197, 70]
@@ -142,7 +165,8 @@ def test_attention_head_dims(device, head_dim, poisoned):
     cu_q, cu_k = cu_of(lq, device), cu_of(lk, device)
 
     def op_fn(q, k, v, key_bias):
-        return vlcore.ops.attention(q, k, v, cu_q, cu_k, 40, 197, causal=True, key_bias=key_bias, return_lse=True)
+        return vlcore.ops.attention(q, k, v, cu_q, cu_k, 40, 197, causal=True, key_bias=key_bias, return_lse=True,
+                                    deterministic=deterministic)
 
     def ref_fn(q, k, v, key_bias):
         return attention_ref(q, k, v, cu_q.cpu(), cu_k.cpu(), causal=True, key_bias=key_bias, return_lse=True)
@@ -153,7 +177,7 @@ def test_attention_head_dims(device, head_dim, poisoned):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("bias", [None, "per_key", "per_head"])
-def test_attention_kv_segment_matches_reference_and_copies(device, causal, bias, poisoned):
+def test_attention_kv_segment_matches_reference_and_copies(device, causal, bias, deterministic, poisoned):
     # ITM with hard negatives: 5 text segments read 3 image segments, one image read three times, one not at all.
     dtype = dtypes_for(device)[0]
     head_dim = 32 if device == "cuda" else 8
@@ -164,7 +188,7 @@ def test_attention_kv_segment_matches_reference_and_copies(device, causal, bias,
 
     def op_fn(q, k, v, key_bias):
         return vlcore.ops.attention(q, k, v, cu_q, cu_k, max(lq), max(lk), causal=causal, key_bias=key_bias,
-                                    kv_segment=seg, return_lse=True)
+                                    kv_segment=seg, return_lse=True, deterministic=deterministic)
 
     def ref_fn(q, k, v, key_bias):
         return attention_ref(q, k, v, cu_q.cpu(), cu_k.cpu(), causal=causal, key_bias=key_bias,
@@ -179,7 +203,7 @@ def test_attention_kv_segment_matches_reference_and_copies(device, causal, bias,
     def copies_fn(q, k, v, key_bias):
         return vlcore.ops.attention(q, k[rows], v[rows], cu_q, cu_of(copied_k, device), max(lq), max(lk),
                                     causal=causal, key_bias=None if key_bias is None else key_bias[rows],
-                                    return_lse=True)
+                                    return_lse=True, deterministic=deterministic)
 
     grad_out = torch.randn(q.shape, dtype=torch.float64, device=device)
     grad_lse = torch.randn((4, sum(lq)), dtype=torch.float64, device=device)
@@ -193,7 +217,7 @@ def test_attention_kv_segment_matches_reference_and_copies(device, causal, bias,
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("heads", HEADS)
-def test_attention_dense_form_with_key_lengths(device, causal, with_bias, heads, poisoned):
+def test_attention_dense_form_with_key_lengths(device, causal, with_bias, heads, deterministic, poisoned):
     dtype = dtypes_for(device)[0]
     head_dim = 32 if device == "cuda" else 8
     batch, len_q, len_k = 4, 9, 13
@@ -206,7 +230,7 @@ def test_attention_dense_form_with_key_lengths(device, causal, with_bias, heads,
 
     def op_fn(q, k, v, key_bias):
         return vlcore.ops.attention(q, k, v, causal=causal, key_lengths=key_lengths, key_bias=key_bias,
-                                    return_lse=True)
+                                    return_lse=True, deterministic=deterministic)
 
     def ref_fn(q, k, v, key_bias):
         return attention_ref(q, k, v, causal=causal, key_lengths=key_lengths.cpu(), key_bias=key_bias,
@@ -258,7 +282,7 @@ def test_attention_empty_batch_and_zero_tokens(device, poisoned):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_attention_deterministic_backward(device):
+def test_attention_deterministic_backward(device, monkeypatch):
     dtype = dtypes_for(device)[0]
     head_dim = 64 if device == "cuda" else 8
     lq, lk = [40, 7, 100], [197, 1, 64]
@@ -271,10 +295,15 @@ def test_attention_deterministic_backward(device):
                                    deterministic=deterministic)
         return torch.autograd.grad(out.float().square().sum(), leaves)
 
+    # Key segments of at most 197 fit the short-key kernel, which is deterministic whatever the flag.
+    short = grads(False)
+    assert all(torch.equal(a, b) for a, b in zip(short, grads(False)))
+    monkeypatch.setenv("VLCORE_ATTENTION_SHORT_BACKWARD", "0")  # the tiled paths
     first, second, atomic = grads(True), grads(True), grads(False)
-    for a, b, c in zip(first, second, atomic):
+    for a, b, c, d in zip(first, second, atomic, short):
         assert torch.equal(a, b)  # bitwise reproducible
         torch.testing.assert_close(c.float(), a.float(), atol=2e-2, rtol=2e-2)  # only the summation order differs
+        torch.testing.assert_close(d.float(), a.float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -463,7 +492,7 @@ def test_attention_cuda_rejects_unsupported():
     with pytest.raises(ValueError, match="float16 or bfloat16"):
         vlcore.ops.attention(**args)
     args = {key: (t.half() if torch.is_tensor(t) and t.is_floating_point() else t) for key, t in args.items()}
-    with pytest.raises(ValueError, match="head_dim must be 32, 64 or 128"):
+    with pytest.raises(ValueError, match="head_dim must be one of 32, 64, 72, 80, 96, 128"):
         vlcore.ops.attention(**args)
     with pytest.raises(ValueError, match="must be on the same device"):
         vlcore.ops.attention(**{**args, "cu_seqlens_k": args["cu_seqlens_k"].cpu()})
@@ -476,3 +505,228 @@ def test_attention_default_scale_is_inverse_sqrt_head_dim():
                                vlcore.ops.attention(q, k, v, cu_q, cu_k, 4, 6, scale=1 / math.sqrt(9)))
     assert not torch.allclose(vlcore.ops.attention(q, k, v, cu_q, cu_k, 4, 6, scale=1.0),
                               vlcore.ops.attention(q, k, v, cu_q, cu_k, 4, 6))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Alignment, understated bounds, autocast, degenerate shapes.
+
+
+def at_odd_offset(t):
+    """A contiguous copy of t whose data pointer is one element past a 16-byte boundary."""
+    buffer = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buffer[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_unaligned_inputs(device, deterministic, poisoned):
+    # The CUDA kernels load 16 bytes at a time: a view at an odd storage offset must be realigned, not read.
+    dtype = dtypes_for(device)[-1]
+    lq, lk = [5, 17], [9, 40]
+    q, k, v, key_bias = make_inputs(lq, lk, (4, 2), 32, dtype, device, "per_key")
+    cu_q, cu_k = cu_of(lq, device), cu_of(lk, device)
+    odd = [at_odd_offset(t) for t in (q, k, v, key_bias)]
+    assert all(t.is_contiguous() and t.data_ptr() % 16 != 0 for t in odd)
+
+    def op_fn(q, k, v, key_bias):
+        return vlcore.ops.attention(q, k, v, cu_q, cu_k, 17, 40, causal=True, key_bias=key_bias, return_lse=True,
+                                    deterministic=deterministic)
+
+    grad_out = torch.randn(q.shape, dtype=torch.float64, device=device)
+    grad_lse = torch.randn((4, sum(lq)), dtype=torch.float64, device=device)
+    aligned = run_with_grads(op_fn, [q, k, v, key_bias], grad_out, grad_lse)
+    unaligned = run_with_grads(op_fn, odd, at_odd_offset(grad_out), grad_lse)
+    for a, b in zip(aligned, unaligned):
+        torch.testing.assert_close(a, b, atol=0, rtol=0) if deterministic else torch.testing.assert_close(a, b)
+    # The backward op itself with every tensor it reads at an odd offset (autograd hands it fresh ones).
+    out, lse = (t.detach() for t in aligned[:2])
+    grad_out = randn(q.shape, dtype, device)
+    backward = torch.ops.vlcore.attention_backward
+    args = (cu_q, cu_k, 17, 40, key_bias, None, None, True, 1 / math.sqrt(32), True, deterministic)
+    want = backward(grad_out, q, k, v, out, lse, None, *args)
+    got = backward(*[at_odd_offset(t) for t in (grad_out, q, k, v, out, lse)], None, *args)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0) if deterministic else torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("understated", ["max_seqlen_q", "max_seqlen_k"])
+def test_attention_understated_max_seqlen(device, deterministic, understated, backward_path, poisoned):
+    dtype = dtypes_for(device)[0]
+    lq, lk = [70, 3], [150, 2]
+    q, k, v, _ = make_inputs(lq, lk, (2, 2), 32, dtype, device)
+    cu_q, cu_k = cu_of(lq, device), cu_of(lk, device)
+    bounds = {"max_seqlen_q": 70, "max_seqlen_k": 150}
+    low = {**bounds, understated: 1}
+    # validate=True names the argument on every device.
+    with pytest.raises(ValueError, match=f"> {understated} = 1"):
+        vlcore.ops.attention(q, k, v, cu_q, cu_k, **low, validate=True)
+    if device == "cpu":  # the CPU kernel checks the values anyway
+        with pytest.raises(ValueError, match=f"> {understated} = 1"):
+            vlcore.ops.attention(q, k, v, cu_q, cu_k, **low)
+        return
+    # CUDA: no host sync to check, but the CTAs loop over the real tiles, so every output is still right.
+    def op_fn(bound):
+        return lambda q, k, v: vlcore.ops.attention(q, k, v, cu_q, cu_k, **bound, return_lse=True,
+                                                    deterministic=deterministic)
+    grad_out = torch.randn(q.shape, dtype=torch.float64, device=device)
+    grad_lse = torch.randn((2, sum(lq)), dtype=torch.float64, device=device)
+    want = run_with_grads(op_fn(bounds), [q, k, v], grad_out, grad_lse)
+    got = run_with_grads(op_fn(low), [q, k, v], grad_out, grad_lse)
+    # Bitwise where the kernels only change how tiles map to CTAs; with atomics, or the short-key kernel
+    # doing the segment in chunks (dQ added per chunk in float16), close.
+    exact = backward_path == "deterministic" or (backward_path == "short_keys" and understated == "max_seqlen_q")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0 if exact else 1e-2, rtol=0 if exact else 1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_autocast(device):
+    lq, lk = [6, 9], [11, 4]
+    q, k, v, key_bias = make_inputs(lq, lk, (4, 2), 32, torch.float32, device, "per_head")
+    cu_q, cu_k = cu_of(lq, device), cu_of(lk, device)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, key_bias)]
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out, lse = vlcore.ops.attention(*leaves[:3], cu_q, cu_k, 9, 11, key_bias=leaves[3], return_lse=True)
+    grads = torch.autograd.grad(out.float().sum(), leaves)
+    if device == "cpu":
+        # The reference stays exact: float32 in, float32 arithmetic out (nothing routed through bfloat16 matmuls).
+        exact = [t.double().requires_grad_() for t in (q, k, v, key_bias)]
+        ref_out, ref_lse = attention_ref(*exact[:3], cu_q, cu_k, key_bias=exact[3], return_lse=True)
+        ref_grads = torch.autograd.grad(ref_out.sum(), exact)
+        assert out.dtype == torch.float32
+        for got, want in zip([out, lse, *grads], [ref_out, ref_lse, *ref_grads]):
+            assert max_err(got, want) < 1e-5
+    else:
+        # CUDA: the kernels run in the autocast dtype, exactly as on bfloat16 inputs.
+        assert out.dtype == torch.bfloat16
+        want = vlcore.ops.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), cu_q, cu_k, 9, 11, key_bias=key_bias)
+        torch.testing.assert_close(out, want, atol=0, rtol=0)
+
+
+def test_attention_head_dim_zero_and_empty_dense_batch():
+    with pytest.raises(ValueError, match="head_dim"):
+        vlcore.ops.attention(torch.randn(1, 3, 2, 0), torch.randn(1, 5, 2, 0), torch.randn(1, 5, 2, 0))
+    with pytest.raises(ValueError, match="head_dim"):
+        vlcore.ops.attention(torch.randn(3, 2, 0), torch.randn(5, 2, 0), torch.randn(5, 2, 0), CU(0, 3), CU(0, 5), 3, 5)
+    q = torch.randn(0, 3, 4, 8, requires_grad=True)
+    kv = torch.randn(0, 5, 2, 8)
+    bias, lengths = torch.randn(0, 5), torch.zeros(0, dtype=torch.int32)
+    out, lse = vlcore.ops.attention(q, kv, kv, causal=True, key_bias=bias, key_lengths=lengths, return_lse=True)
+    assert out.shape == (0, 3, 4, 8) and lse.shape == (0, 4, 3)
+    (dq,) = torch.autograd.grad(out.sum(), q)
+    assert dq.shape == q.shape
+    with pytest.raises(ValueError, match="k must have q's head_dim"):  # the shape checks still run for B = 0
+        vlcore.ops.attention(q, kv[..., :4], kv[..., :4])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dispatch: the library path (SDPA; varlen_attn on CUDA) behind the same function, against the reference.
+
+
+@pytest.fixture
+def library_calls(monkeypatch):
+    calls = []
+    real = attention_module._sdpa
+
+    def spy(*args, **kwargs):
+        calls.append("sdpa")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "_sdpa", spy)
+    return calls
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend_name", ["library", "vlcore"])
+@pytest.mark.parametrize("causal,heads,lengths", [(False, (4, 2), (7, 13)), (True, (2, 2), (9, 9)),
+                                                  (True, (4, 1), (5, 8))])
+def test_attention_dispatch_paths_match_reference(device, backend_name, causal, heads, lengths, library_calls):
+    dtype = dtypes_for(device)[0]
+    (len_q, len_k), (hq, hkv) = lengths, heads
+    q = randn((3, len_q, hq, 32), dtype, device)
+    k = randn((3, len_k, hkv, 32), dtype, device)
+    v = randn((3, len_k, hkv, 32), dtype, device)
+    no_lse = torch.zeros((3, hq, len_q), dtype=torch.float64, device=device)
+
+    def op_fn(q, k, v):
+        return vlcore.ops.attention(q, k, v, causal=causal, backend=backend_name), no_lse
+
+    def ref_fn(q, k, v):
+        return attention_ref(q, k, v, causal=causal), no_lse.cpu()
+
+    grad_out = torch.randn(q.shape, dtype=torch.float64, device=device)
+    got = run_with_grads(op_fn, [q, k, v], grad_out, no_lse)
+    ref = run_with_grads(ref_fn, [t.cpu().double() for t in (q, k, v)], grad_out.cpu(), no_lse.cpu())
+    low = run_with_grads(ref_fn, [t.cpu() for t in (q, k, v)], grad_out.cpu(), no_lse.cpu())
+    assert_flash_rule([g.cpu() for g in got], low, ref, dtype, ["out", "lse", "dq", "dk", "dv"])
+    # Causal with Lq != Lk has another mask alignment in SDPA: it stays on vlcore.
+    assert library_calls == (["sdpa"] if backend_name == "library" and not (causal and len_q != len_k) else [])
+
+
+def test_attention_dispatch_rules(library_calls, monkeypatch):
+    q, kv = torch.randn(2, 6, 2, 8), torch.randn(2, 6, 2, 8)
+    vlcore.ops.attention(q, kv, kv)  # auto, short: vlcore
+    assert library_calls == []
+    monkeypatch.setattr(attention_module, "LIBRARY_MIN_SEQLEN", 6)
+    vlcore.ops.attention(q, kv, kv)  # auto, long enough: the library
+    assert library_calls == ["sdpa"]
+    # What the library kernels cannot give keeps the vlcore path, whatever the backend.
+    vlcore.ops.attention(q, kv, kv, return_lse=True, backend="library")
+    vlcore.ops.attention(q, kv, kv, key_bias=torch.zeros(2, 6), backend="library")
+    vlcore.ops.attention(q, kv, kv, key_lengths=torch.tensor([6, 2], dtype=torch.int32), backend="library")
+    vlcore.ops.attention(q, kv, kv, backend="vlcore")
+    assert library_calls == ["sdpa"]
+    # The process-wide default, for tests and benchmarks.
+    previous = attention_module.set_attention_backend("vlcore")
+    try:
+        vlcore.ops.attention(q, kv, kv)
+        assert library_calls == ["sdpa"]
+    finally:
+        attention_module.set_attention_backend(previous)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the exact reference under CPU autocast
+        vlcore.ops.attention(q, kv, kv, backend="library")
+    assert library_calls == ["sdpa"]
+    with pytest.raises(ValueError, match="backend must be one of"):
+        vlcore.ops.attention(q, kv, kv, backend="cudnn")
+    # Packed on CPU: no varlen kernel, so "library" runs vlcore and still matches the reference.
+    cu = cu_of([2, 4], "cpu")
+    qp, kp = torch.randn(6, 2, 8, dtype=torch.float64), torch.randn(6, 2, 8, dtype=torch.float64)
+    torch.testing.assert_close(vlcore.ops.attention(qp, kp, kp, cu, cu, 4, 4, causal=True, backend="library"),
+                               attention_ref(qp, kp, kp, cu, cu, causal=True))
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs the CUDA kernels and a GPU")
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_packed_library_path(causal):
+    # varlen_attn where this torch has it (else the vlcore kernels): the same results either way.
+    lengths = [5, 130, 1, 64]
+    q, k, v, _ = make_inputs(lengths, lengths, (4, 2), 64, torch.bfloat16, "cuda")
+    cu = cu_of(lengths, "cuda")
+    no_lse = torch.zeros((4, sum(lengths)), dtype=torch.float64, device="cuda")
+
+    def op_fn(q, k, v):
+        return vlcore.ops.attention(q, k, v, cu, cu, 130, 130, causal=causal, backend="library"), no_lse
+
+    def ref_fn(q, k, v):
+        return attention_ref(q, k, v, cu.cpu(), cu.cpu(), causal=causal), no_lse.cpu()
+
+    grad_out = torch.randn(q.shape, dtype=torch.float64, device="cuda")
+    got = run_with_grads(op_fn, [q, k, v], grad_out, no_lse)
+    ref = run_with_grads(ref_fn, [t.cpu().double() for t in (q, k, v)], grad_out.cpu(), no_lse.cpu())
+    low = run_with_grads(ref_fn, [t.cpu() for t in (q, k, v)], grad_out.cpu(), no_lse.cpu())
+    assert_flash_rule([g.cpu() for g in got], low, ref, torch.bfloat16, ["out", "lse", "dq", "dk", "dv"])
+
+
+def test_attention_compile_library_path():
+    q, kv = torch.randn(2, 6, 4, 8), torch.randn(2, 6, 2, 8)
+
+    def step(q):
+        return vlcore.ops.attention(q, kv, kv, causal=True, backend="library").square().sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    a, b = q.clone().requires_grad_(), q.clone().requires_grad_()
+    loss_c, loss_e = compiled(a), step(b)
+    torch.testing.assert_close(loss_c, loss_e)
+    torch.testing.assert_close(torch.autograd.grad(loss_c, a)[0], torch.autograd.grad(loss_e, b)[0])

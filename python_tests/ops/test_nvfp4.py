@@ -1,11 +1,14 @@
-"""nvfp4 family: quantize / dequantize / GEMM / Hadamard against the plain-PyTorch transcription of spec §1.4.
+"""nvfp4 family: quantize / dequantize / GEMM / Hadamard against the plain-PyTorch transcription of
+docs/nvfp4.md (vlcore.ops.nvfp4.nvfp4_quantize_ref).
 
 Quantization is integer-valued (codes, scale bytes) and the amax is a max: every comparison is exact
 (torch.equal), CUDA against CPU too. Only the GEMM has a tolerance: FP32 accumulation order.
 """
 
+import hashlib
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.library import opcheck
@@ -81,7 +84,7 @@ def assert_same_quantized(got, want):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_nvfp4_quantize_worked_example(device):
-    # spec §1.7: one block, tensor amax 10 (given as the global amax).
+    # docs/nvfp4.md, 'Worked example': one block, tensor amax 10 (given as the global amax).
     x = torch.tensor([[0.125, -0.25, 0.375, 1.0, -1.3125, 2.25, 0, -0.046875, 3.0, -2.875, 0.625, 0.75, -4.0,
                        1.625, 0.875, 4.75]], device=device)
     for dtype in (torch.float32, torch.bfloat16):
@@ -150,7 +153,7 @@ def test_nvfp4_round_trip_quality(device):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Edge cases, spec §1.5
+# Edge cases (docs/nvfp4.md, 'Edge cases')
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -220,7 +223,8 @@ def test_nvfp4_e4m3_scale_rounding_matches_torch_cast():
 @pytest.mark.parametrize("device", DEVICES)
 def test_nvfp4_block_scale_product_order(device):
     # sb = e4m3(amax_b * (S_enc * fl32(1/6))) in exactly that order: (amax_b * S_enc) * (1/6) or
-    # (amax_b / 6) * S_enc round twice and flip the E4M3 rounding of ~0.1 % of blocks (spec §1.4, §7.4).
+    # (amax_b / 6) * S_enc round twice and flip the E4M3 rounding of ~0.1 % of blocks
+    # (docs/nvfp4.md, 'Scale computation').
     # Take every BF16 block amax in (0, amax] for a few tensor amaxes and keep the order-sensitive ones.
     f32 = torch.float32
     one_sixth = torch.tensor(1.0) / torch.tensor(6.0)
@@ -274,7 +278,7 @@ def test_nvfp4_swizzled_scale_layout(device):
     for p, s in zip(plain, swz):
         assert torch.equal(p.codes, s.codes)
         assert torch.equal(swizzle_scales_ref(p.scales.cpu()), s.scales.cpu())
-    # the index formula of spec §2, element by element
+    # the index formula of docs/nvfp4.md, 'Swizzled scale layout', element by element
     flat, sp = swz.rowwise.scales.cpu().reshape(-1), plain.rowwise.scales.cpu()
     for i, j in [(0, 0), (1, 0), (31, 3), (32, 0), (127, 4), (128, 1), (200, 4), (271, 2)]:
         idx = ((i // 128) * 2 + j // 4) * 512 + (i % 128 % 32) * 16 + (i % 128 // 32) * 4 + j % 4
@@ -390,6 +394,56 @@ def test_nvfp4_stochastic_rounding(device):
     assert rmse_mean < 0.5 * rmse_rne, (rmse_mean, rmse_rne)
 
 
+def sr_block_input(rows, fractions):
+    """Blocks whose scaled values are exactly 1 + f * 0.5 (between E2M1 1.0 and 1.5, step 0.5): element 0 is
+    6 (block amax 6 with a given amax of 2688: S_enc = 1, scale 1, enc_b = 1), elements 1..15 carry the
+    fractions. Returns x and the given amax."""
+    x = torch.empty(rows, 16)
+    x[:, 0] = 6.0
+    x[:, 1:] = 1.0 + 0.5 * torch.tensor(fractions, dtype=torch.float32)
+    return x, torch.tensor(2688.0)
+
+
+def test_nvfp4_stochastic_rounding_is_unbiased_at_byte_resolution():
+    # One byte per element: u = r/256 with r uniform on 0..255, so a value at fraction f of its step rounds
+    # up with probability floor(256 f) / 256: exactly f on the 1/256 grid (unbiased), and never more than
+    # 1/256 of a step below f elsewhere (8 random bits per element, as the hardware cvt.rs conversion uses).
+    fractions = [1 / 256, 77 / 256, 0.5, 255 / 256, 0.3, 0.7, 0.9, 0.1, 0.25, 0.01, 0.6, 0.45, 0.8, 0.99, 0.05]
+    rows = 1 << 15  # 32768 draws per element position
+    x, amax = sr_block_input(rows, fractions)
+    codes = ops.nvfp4_quantize(x, stochastic=True, seed=2024, offset=5, amax_rowwise=amax).rowwise.codes
+    nibbles = torch.stack((codes & 0xF, codes >> 4), dim=2).reshape(rows, 16)[:, 1:]
+    assert ((nibbles == 2) | (nibbles == 3)).all()  # only the two neighbours 1.0 (code 2) and 1.5 (code 3)
+    up = (nibbles == 3).double()
+    for i, f in enumerate(fractions):
+        want = math.floor(256 * f) / 256
+        sigma = math.sqrt(max(want * (1 - want), 1 / rows) / rows)
+        assert abs(up[:, i].mean().item() - want) < 5 * sigma, (i, f, up[:, i].mean().item(), want)
+    # The 16 bytes of a draw are independent: no correlation between the elements of a block.
+    centred = up - up.mean(0)
+    corr = (centred.t() @ centred) / (centred.pow(2).sum(0).sqrt()[:, None] * centred.pow(2).sum(0).sqrt()[None, :])
+    off_diagonal = corr[~torch.eye(15, dtype=torch.bool)]
+    assert off_diagonal.abs().max().item() < 5 / math.sqrt(rows), off_diagonal.abs().max().item()
+
+
+def test_nvfp4_stochastic_rounding_one_draw_per_block():
+    # The stream of the op is the reference's: block b of a copy takes Philox(counter = (b, orientation,
+    # offset), key = seed) and element i byte i % 4 of word i // 4. Check against the Philox reference
+    # directly, through values whose rounding reveals the byte: fraction 255/256 rounds up unless r == 0.
+    rows = 4096
+    x, amax = sr_block_input(rows, [255 / 256] * 15)
+    seed, offset = 2**33 + 9, 2**32 + 3
+    codes = ops.nvfp4_quantize(x, stochastic=True, seed=seed, offset=offset, amax_rowwise=amax).rowwise.codes
+    down = (torch.stack((codes & 0xF, codes >> 4), dim=2).reshape(rows, 16) == 2)[:, 1:]
+    blocks = torch.arange(rows, dtype=torch.int64)
+    ctr = [blocks, torch.zeros_like(blocks), torch.full_like(blocks, offset & 0xFFFFFFFF),
+           torch.full_like(blocks, offset >> 32)]
+    words = torch.stack(philox4x32_10_ref(ctr, (seed & 0xFFFFFFFF, seed >> 32)), dim=1)
+    rbytes = torch.stack([(words[:, i // 4] >> (8 * (i % 4))) & 0xFF for i in range(16)], dim=1)[:, 1:]
+    assert down.any()  # about 15 * 4096 / 256 elements draw r == 0
+    assert torch.equal(down, rbytes == 0)
+
+
 def test_nvfp4_stochastic_rounding_probability():
     # §1.7: 1.2923 lies between 1.0 and 1.5 and rounds up with probability ~0.585.
     x = torch.full((1024, 16), 0.125)
@@ -399,6 +453,75 @@ def test_nvfp4_stochastic_rounding_probability():
     codes = ops.nvfp4_quantize(x, stochastic=True, seed=11, amax_rowwise=amax).rowwise.codes
     up = ((codes[:, 0] >> 4) == 0x3).double().mean().item()  # element 1: 1.5 (code 3) vs 1.0 (code 2)
     assert abs(up - 0.585) < 0.05
+
+
+def test_nvfp4_fp32_reciprocal_equals_double_formula():
+    # S_dec = 1 / S_enc in FP32 (the kernels) against TE's fl32(1 / (double) S_enc): equal for every float
+    # (the C++ comment gives the argument; checked exhaustively once over all 2^31 positive floats). Here:
+    # 2^22 random bit patterns plus the edges, with numpy's IEEE float32 division (what the CPU path does).
+    rng = np.random.default_rng(0)
+    bits = np.concatenate([rng.integers(1, 0x7F800000, 1 << 22, dtype=np.uint32),
+                           np.array([1, 2, 0x007FFFFF, 0x00800000, 0x3F800000, 0x7F7FFFFF, 0x45280000], np.uint32)])
+    s = bits.view(np.float32)
+    with np.errstate(divide="ignore", over="ignore"):
+        fp32 = (np.float32(1.0) / s).view(np.uint32)
+        fp64 = (1.0 / s.astype(np.float64)).astype(np.float32).view(np.uint32)
+    assert (fp32 == fp64).all()
+    # and through the op: given amaxes spread over the float range, against the reference's double formula
+    amaxes = torch.from_numpy(rng.integers(0x00800000, 0x7F000000, 512, dtype=np.uint32).view(np.float32).copy())
+    x = wide_range((16, 32), torch.float32, "cpu", seed=4)
+    for amax in amaxes:
+        cfg = dict(columnwise=True, amax_rowwise=amax, amax_columnwise=amax)
+        assert_same_quantized(ops.nvfp4_quantize(x, validate=False, **cfg), nvfp4_quantize_ref(x, **cfg))
+
+
+def hashed_input(rows, cols, dtype):
+    """Deterministic wide-range values from integer hashing (no RNG): signs, 2^-20..2^11, some zeros."""
+    i = torch.arange(rows * cols, dtype=torch.int64)
+    h = (i * 2654435761 + 97) & 0xFFFFFFFF
+    h = (h ^ (h >> 15)) * 2246822519 & 0xFFFFFFFF
+    mant = (h & 0xFFFF).double() / 65536 + 0.5
+    expo = ((h >> 16) & 31).double() - 20
+    sign = 1 - 2 * ((h >> 21) & 1).double()
+    x = sign * mant * torch.pow(2.0, expo)
+    x[(h >> 22) % 97 == 0] = 0.0
+    return x.reshape(rows, cols).to(dtype)
+
+
+# Round-to-nearest configurations and the digest of their codes, scales and amax, recorded from the kernels
+# before the stochastic-rounding stream and the FP32 S_dec changed: RNE output must never change.
+RNE_DIGEST_CASES = [((64, 64), {}), ((48, 80), {"columnwise": True}), ((130, 208), {}),
+                    ((96, 128), {"columnwise": True, "rht_columnwise": True}),
+                    ((64, 96), {"columnwise": True, "block_2d": True}),
+                    ((128, 64), {"rht_rowwise": True, "columnwise": True, "swizzle_scales": True}),
+                    ((32, 48), {"rowwise": False, "columnwise": True}),
+                    ((64, 64), {"columnwise": True, "amax_rowwise": 3000.0, "amax_columnwise": 0.5})]
+RNE_DIGEST = "7d67325399ccd7a1e4b966b93cdad4a8f2a5636f01ea62b7afb6862ffa86b3a7"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nvfp4_round_to_nearest_output_is_frozen(device):
+    h = hashlib.sha256()
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape, cfg in RNE_DIGEST_CASES:
+            cfg = {k: (torch.tensor(v, device=device) if k.startswith("amax") else v) for k, v in cfg.items()}
+            q = ops.nvfp4_quantize(hashed_input(*shape, dtype).to(device), **cfg)
+            for t in (q.rowwise, q.columnwise):
+                if t is not None:
+                    for f in (t.codes, t.scales, t.amax.reshape(1).view(torch.uint8)):
+                        h.update(f.cpu().contiguous().numpy().tobytes())
+    assert h.hexdigest() == RNE_DIGEST
+
+
+def test_nvfp4_dequantize_every_code_and_scale_byte():
+    # All 256 code bytes against all 256 scale bytes (E4M3 NaN bytes included): the CPU decode (the block
+    # decode the CUDA GEMM shares) against the reference's table lookup, bit for bit, NaN for NaN.
+    codes = torch.arange(256, dtype=torch.uint8).repeat(256, 1)               # [256, 256]: 512 elements a row
+    scales = torch.arange(256, dtype=torch.uint8)[:, None].repeat(1, 32)      # row r: scale byte r
+    t = NVFP4Tensor(codes, scales, torch.tensor(2688.0))                      # decode factor 1
+    got, want = ops.nvfp4_dequantize(t), nvfp4_dequantize_ref(t)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(torch.nan_to_num(got).view(torch.int32), torch.nan_to_num(want).view(torch.int32))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -415,24 +538,24 @@ def test_nvfp4_gemm_matches_dequantized_float64(device, mnk, out_dtype, poisoned
     got = ops.nvfp4_gemm(a, b, out_dtype=out_dtype)
     assert got.shape == (m, n) and got.dtype == out_dtype
     want = nvfp4_gemm_ref(a.to("cpu"), b.to("cpu"))
-    # The CPU sums K/16 exact block partials in FP32: error <= (K/16 + 2) half-ulps of sum |a||b|. Tensor
-    # cores add the products inside each mma with truncation, not RNE: allow ~1 ulp per product on CUDA.
+    # Every product of decoded values is exact in FP32; the FP32 sum (a BLAS sgemm on CPU, tensor cores
+    # on CUDA, which add inside each mma with truncation, not RNE) errs by at most ~1 ulp per product.
     scale = (nvfp4_gemm_ref(*(NVFP4Tensor(t.codes.cpu() & 0x77, t.scales.cpu(), t.amax.cpu()) for t in (a, b))))
-    ulps = (k / 16 + 2) if device == "cpu" else 2 * (k + 16)
+    ulps = 2 * (k + 16)
     bound = scale.abs() * ulps * 2**-24 + (2**-8 * want.abs() if out_dtype == torch.bfloat16 else 0)
     err = (got.cpu().double() - want).abs()
     assert (err <= bound + 1e-30).all(), err.max()
 
 
-def test_nvfp4_gemm_cpu_schedules_agree_bitwise():
-    # The CPU GEMM loops for small products and batches the exact block partials for large ones; both add
-    # the partials block after block in FP32, so a row slice (small) equals the full product (large).
+def test_nvfp4_gemm_cpu_is_exact_decode_then_fp32_matmul():
+    # The CPU GEMM has the structure of the CUDA one: exact decode (e2m1 x sb, no tensor factor), one FP32
+    # matmul, then alpha. The decode is checked against the independent table lookup of the reference.
     a = ops.nvfp4_quantize(wide_range((128, 528), torch.bfloat16, "cpu", seed=2)).rowwise
-    b = ops.nvfp4_quantize(torch.randn(128, 528)).rowwise
-    full = ops.nvfp4_gemm(a, b, out_dtype=torch.float32)  # 128*128*528 > 2^22: batched schedule
-    rows = [ops.nvfp4_gemm(NVFP4Tensor(a.codes[i:i + 16], a.scales[i:i + 16], a.amax), b, out_dtype=torch.float32)
-            for i in range(0, 128, 16)]
-    assert torch.equal(full, torch.cat(rows))
+    b = ops.nvfp4_quantize(torch.randn(96, 528)).rowwise
+    unit = lambda t: t._replace(amax=torch.tensor(2688.0))  # noqa: E731 - decode factor 1
+    da, db = nvfp4_dequantize_ref(unit(a)), nvfp4_dequantize_ref(unit(b))
+    alpha = a.amax * b.amax / (2688.0 * 2688.0)
+    assert torch.equal(ops.nvfp4_gemm(a, b, out_dtype=torch.float32), torch.mm(da, db.t()) * alpha)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -465,7 +588,8 @@ def test_nvfp4_gemm_zero_tensor(device):
 def test_nvfp4_gemm_empty_k_is_zero(device, out_dtype, poisoned):
     # K == 0 is an empty sum: zeros on every backend, even when an amax is Inf or NaN (alpha not applied).
     for amax in (1.0, float("inf"), float("nan")):
-        a = ops.nvfp4_quantize(torch.zeros(32, 0, device=device), amax_rowwise=torch.tensor(amax, device=device)).rowwise
+        a = ops.nvfp4_quantize(torch.zeros(32, 0, device=device), amax_rowwise=torch.tensor(amax, device=device),
+                               validate=False).rowwise
         b = ops.nvfp4_quantize(torch.zeros(16, 0, device=device)).rowwise
         assert a.codes.shape == (32, 0) and a.amax.isnan().item() == (amax != amax)
         got = ops.nvfp4_gemm(a, b, out_dtype=out_dtype)
@@ -523,8 +647,10 @@ def test_nvfp4_bad_input(device):
         ops.nvfp4_quantize(x[:, :40])
     with pytest.raises(ValueError, match="columnwise quantization needs rows % 16 == 0"):
         ops.nvfp4_quantize(x[:20], rowwise=False, columnwise=True)
-    with pytest.raises(ValueError, match="never transformed"):
+    with pytest.raises(ValueError, match="block_2d=True cannot be combined with rht_rowwise / rht_columnwise"):
         ops.nvfp4_quantize(x, columnwise=True, block_2d=True, rht_columnwise=True)
+    with pytest.raises(ValueError, match="block_2d=True cannot be combined with rht_rowwise / rht_columnwise"):
+        ops.nvfp4_quantize(x, block_2d=True, rht_rowwise=True)
     with pytest.raises(ValueError, match="amax_rowwise must be float32"):
         ops.nvfp4_quantize(x, amax_rowwise=torch.tensor(1.0, dtype=torch.float64, device=device))
     with pytest.raises(ValueError, match="at least one of rowwise"):
@@ -544,3 +670,39 @@ def test_nvfp4_bad_input(device):
         ops.hadamard_transform(torch.randn(3, 20, device=device))
     with pytest.raises(ValueError, match="sign_mask"):
         ops.hadamard_transform(x, sign_mask=1 << 16)
+    with pytest.raises(ValueError, match="t must be an NVFP4Tensor"):
+        ops.nvfp4_dequantize(a.codes)
+    with pytest.raises(ValueError, match="b must be an NVFP4Tensor"):
+        ops.nvfp4_gemm(a, a.codes)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("value", [math.nan, -1.0, 0.0])
+def test_nvfp4_given_amax_values(device, value):
+    x = torch.randn(32, 64, device=device)
+    amax = torch.tensor(value, device=device)
+    for name in ("amax_rowwise", "amax_columnwise"):
+        with pytest.raises(ValueError, match=name):
+            ops.nvfp4_quantize(x, columnwise=True, validate=True, **{name: amax})
+    if device == "cpu":  # checked by default where it needs no synchronisation
+        with pytest.raises(ValueError, match="amax_rowwise"):
+            ops.nvfp4_quantize(x, amax_rowwise=amax)
+    # zero is the amax of an all-zero x
+    z = ops.nvfp4_quantize(torch.zeros(32, 64, device=device), amax_rowwise=torch.zeros((), device=device),
+                           validate=True).rowwise
+    assert not z.codes.any() and not z.scales.any()
+    # Unchecked (the CUDA default): a NaN or negative amax gives NaN scales, so the copy decodes to NaN.
+    q = ops.nvfp4_quantize(x, columnwise=True, amax_rowwise=amax, amax_columnwise=amax, validate=False)
+    ref = nvfp4_quantize_ref(x.cpu(), columnwise=True, amax_rowwise=amax.cpu(), amax_columnwise=amax.cpu())
+    assert_same_quantized(q, ref)
+    if value != 0.0:
+        for t in q:
+            assert (t.scales == 0x7F).all() and t.dequantize().isnan().all()
+
+
+@pytest.mark.parametrize("rows, cols", [(0, 16), (16, 0), (0, 0)])
+def test_nvfp4_references_on_empty_operands(rows, cols):
+    """The references decode an empty operand to an empty matrix of the right shape (no ambiguous reshape)."""
+    q = ops.nvfp4_quantize(torch.randn(rows, cols)).rowwise
+    assert nvfp4_dequantize_ref(q).shape == (rows, cols)
+    assert nvfp4_gemm_ref(q, q).shape == (rows, rows)

@@ -186,8 +186,9 @@ CU = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
     (CU(0, 2, 3), 4, r"cu_seqlens must end at the total token count 4"),
     (CU(0, 5, 6), 6, r"sample 0 has length 5 > padded_len"),
     (CU(0, 2), 2, r"cu_seqlens must have batch \+ 1 = 3 entries"),
-    (CU(0), 0, r"empty batch"),
+    (CU(0), 0, r"cu_seqlens must have batch \+ 1 = 3 entries"),
     (CU(0, 1, 2).reshape(1, 3), 2, r"cu_seqlens must be 1-D"),
+    (CU(0, 4, 9), 9, r"total_tokens = 9 cannot fit 2 samples of at most padded_len \(padded.size\(1\)\) = 4"),
 ])
 def test_seq_pack_bad_cu_seqlens(cu, total, match):
     with pytest.raises(ValueError, match=match):
@@ -200,18 +201,52 @@ def test_seq_pack_bad_cu_seqlens(cu, total, match):
     (CU(0, 3, 2), 2, r"cu_seqlens must be non-decreasing"),
     (CU(0, 2, 3), 4, r"cu_seqlens must end at the total token count 4"),
     (CU(0, 5, 6), 6, r"sample 0 has length 5 > padded_len"),
-    (CU(0), 0, r"cu_seqlens must be 1-D with batch \+ 1 >= 2 entries"),
+    (CU(0, 2, 3), 2, r"cu_seqlens must end at the total token count 2"),
+    (CU(), 0, r"cu_seqlens must be 1-D with batch \+ 1 >= 1 entries"),
 ])
 def test_seq_pack_validate_on_host(cu, total, match):
     """validate=True runs the host-side checks that CUDA kernels cannot do without a sync."""
     with pytest.raises(ValueError, match=match):
-        vlcore.ops.pack(torch.randn(2, 4, 3), cu, total, validate=True)
+        vlcore.ops.pack(torch.randn(len(cu) - 1 if len(cu) > 1 else 2, 4, 3), cu, total, validate=True)
+
+
+@pytest.mark.parametrize("cu,packed_rows,match", [
+    (CU(0, 5, 6), 6, r"vlcore.ops.unpack: sample 0 has length 5 > padded_len = 4"),
+    (CU(0, 2, 3), 4, r"cu_seqlens must end at the total token count 4"),
+    (CU(0, 3, 2), 3, r"cu_seqlens must be non-decreasing"),
+])
+def test_seq_unpack_validate_on_host(cu, packed_rows, match):
+    with pytest.raises(ValueError, match=match):
+        vlcore.ops.unpack(torch.randn(packed_rows, 3), cu, 4, validate=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("row_shape", [(), (5,)])
+def test_seq_pack_empty_batch(device, row_shape, poisoned):
+    """B = 0 (cu_seqlens = [0]) gives empty results, forward and backward, with and without validate."""
+    cu = CU(0).to(device)
+    for validate in (False, True):
+        padded = torch.randn(0, 7, *row_shape, device=device, requires_grad=True)
+        packed = vlcore.ops.pack(padded, cu, 0, validate=validate)
+        assert packed.shape == (0, *row_shape)
+        unpacked = vlcore.ops.unpack(packed, cu, 7, -1.0, validate=validate)
+        assert unpacked.shape == (0, 7, *row_shape)
+        (grad,) = torch.autograd.grad(unpacked.sum(), padded)
+        assert grad.shape == padded.shape
+
+
+@pytest.mark.parametrize("dtype,pad", [(torch.int8, 300), (torch.int32, 2**40), (torch.int64, float("nan"))])
+def test_seq_unpack_pad_value_that_does_not_fit(dtype, pad):
+    """Where torch's checked conversion refuses the value (torch.full's rule), a ValueError names pad_value."""
+    with pytest.raises(ValueError, match=r"seq_unpack: pad_value = .* does not fit the dtype"):
+        vlcore.ops.unpack(torch.zeros(3, dtype=dtype), CU(0, 3), 4, pad)
 
 
 @pytest.mark.parametrize("cu,packed_rows,match", [
     (CU(0, 2, 3), 4, r"cu_seqlens must end at the total token count 4"),
-    (CU(0, 2, 9), 9, r"sample 1 has length 7 > padded_len = 4"),
-    (CU(0), 0, r"empty batch"),
+    (CU(0, 2, 7), 7, r"sample 1 has length 5 > padded_len = 4"),
+    (CU(0, 2, 9), 9, r"packed has 9 tokens, more than 2 samples of at most padded_len = 4 tokens hold"),
+    (CU(0), 2, r"packed has 2 tokens, more than 0 samples"),
 ])
 def test_seq_unpack_bad_input(cu, packed_rows, match):
     with pytest.raises(ValueError, match=match):
@@ -240,7 +275,7 @@ def test_scatter_image_embeds_bad_input():
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA kernels and a GPU")
-def test_seq_pack_wrong_device():
+def test_seq_pack_cuda_wrong_device():
     with pytest.raises(ValueError, match="cu_seqlens must be on the same device as padded"):
         vlcore.ops.pack(torch.randn(2, 4, 3, device="cuda"), CU(0, 2, 3), 3)
     with pytest.raises(ValueError, match="image_positions must be on the same device as text_embeds"):
@@ -253,3 +288,33 @@ def test_seq_pack_validate_on_cuda():
     """The CUDA kernels cannot check values without a sync; validate=True does, on the host."""
     with pytest.raises(ValueError, match="non-decreasing"):
         vlcore.ops.pack(torch.randn(2, 4, 3, device="cuda"), CU(0, 3, 2).cuda(), 2, validate=True)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA kernels and a GPU")
+def test_seq_pack_cuda_understated_lengths_leave_no_uninitialised_output(poisoned):
+    """Values that the CUDA kernels cannot check without a sync still give fully written outputs: rows
+    without a valid source are zeros (the pad value in unpack), never uninitialised memory."""
+    padded = torch.randn(2, 4, 3, device="cuda")
+    # sample 0 claims 6 tokens but padded_len is 4: its rows 4 and 5 have no source
+    out = vlcore.ops.pack(padded, CU(0, 6, 8).cuda(), 8)
+    assert torch.equal(out[:4], padded[0]) and torch.equal(out[6:], padded[1, :2])
+    assert torch.equal(out[4:6], torch.zeros(2, 3, device="cuda"))
+    # total_tokens above cu_seqlens[-1]: the rows past the end are zeros
+    out = vlcore.ops.pack(padded, CU(0, 2, 3).cuda(), 6)
+    assert torch.equal(out[:3], pack_ref(padded, CU(0, 2, 3))) and not out[3:].any()
+    # unpack truncates a sample longer than padded_len and pads the rest
+    out = vlcore.ops.unpack(torch.arange(6.0, device="cuda"), CU(0, 5, 6).cuda(), 4, -1.0)
+    assert out.tolist() == [[0.0, 1.0, 2.0, 3.0], [5.0, -1.0, -1.0, -1.0]]
+    # duplicate and out-of-range image positions: the last duplicate wins; the others get zero gradient
+    grad = torch.randn(6, 3, device="cuda")
+    positions = torch.tensor([1, 4, 1, 9, -2], device="cuda")
+    grad_text, grad_image = torch.ops.vlcore.scatter_image_embeds_backward(grad, positions)
+    replaced = torch.tensor([False, True, False, False, True, False], device="cuda")
+    assert torch.equal(grad_text, torch.where(replaced[:, None], 0.0, grad))
+    assert torch.equal(grad_image, torch.stack([torch.zeros(3, device="cuda"), grad[4], grad[1],
+                                                torch.zeros(3, device="cuda"), torch.zeros(3, device="cuda")]))
+    out = vlcore.ops.scatter_image_embeds(torch.zeros(6, 3, device="cuda"), torch.eye(5, 3, device="cuda"), positions)
+    assert torch.equal(out[1], torch.eye(5, 3, device="cuda")[2])
+    # and with no text rows at all, every image row still gets a (zero) gradient
+    _, grad_image = torch.ops.vlcore.scatter_image_embeds_backward(torch.randn(0, 3, device="cuda"), positions)
+    assert torch.equal(grad_image, torch.zeros(5, 3, device="cuda"))

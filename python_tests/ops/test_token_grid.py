@@ -210,3 +210,43 @@ def test_token_pool_bad_input():
         torch.ops.vlcore.patch_merge_2x2(x[0], [3, 8])
     with pytest.raises(ValueError, match=r"vlcore::patch_merge_2x2: x has 24 rows but the grids hold 16 tokens"):
         torch.ops.vlcore.patch_merge_2x2(x[0], [4, 4])
+
+
+def test_zero_channels_and_empty_batches_give_empty_results():
+    assert vlcore.ops.token_pool_2d(torch.randn(2, 12, 0), (3, 4), stride=2).shape == (2, 4, 0)
+    assert vlcore.ops.patch_merge_2x2(torch.randn(2, 16, 0), (4, 4)).shape == (2, 4, 0)
+    assert vlcore.ops.token_pool_2d(torch.randn(0, 12, 3), (3, 4), output_hw=(2, 2)).shape == (0, 4, 3)
+    assert vlcore.ops.patch_merge_2x2(torch.randn(0, 16, 3), (4, 4)).shape == (0, 4, 12)
+    out, grids = vlcore.ops.token_pool_2d_varlen(torch.randn(0, 3), [], stride=2)
+    assert out.shape == (0, 3) and grids == []
+    assert vlcore.ops.patch_merge_2x2_varlen(torch.randn(0, 3), []).shape == (0, 12)
+
+
+def test_grids_take_any_integer_type_and_name_the_rest():
+    import numpy as np
+
+    x = torch.randn(12 + 4, 3)
+    got, grids = vlcore.ops.token_pool_2d_varlen(x, [(3, 4), (2, 2)], output_hw=(np.int64(2), np.int32(1)))
+    want, _ = vlcore.ops.token_pool_2d_varlen(x, [(3, 4), (2, 2)], output_hw=(2, 1))
+    assert grids == [(2, 1), (2, 1)] and torch.equal(got, want)
+    assert vlcore.ops.token_pool_2d(x[None, :12], (np.int64(3), torch.tensor(4)), stride=2).shape == (1, 4, 3)
+    with pytest.raises(ValueError, match=r"grid_hw must be a pair of integers \(h, w\), got \(3.0, 4\)"):
+        vlcore.ops.token_pool_2d(x[None, :12], (3.0, 4), stride=2)
+    with pytest.raises(ValueError, match="output_hw must be a pair of integers"):
+        vlcore.ops.token_pool_2d(x[None, :12], (3, 4), output_hw=(1.5, 2))
+
+
+def test_varlen_references_are_the_dense_reference_per_image():
+    from vlcore.ops.token_grid import patch_merge_2x2_varlen_ref, token_pool_2d_varlen_ref
+
+    grids = [(4, 2), (2, 6)]
+    x = torch.randn(8 + 12, 3, dtype=torch.float64)
+    got, out_grids = token_pool_2d_varlen_ref(x, grids, stride=2, mode="bilinear")
+    assert out_grids == [(2, 1), (1, 3)]
+    want = torch.cat([token_pool_2d_ref(x[None, :8], (4, 2), (2, 1), "bilinear")[0],
+                      token_pool_2d_ref(x[None, 8:], (2, 6), (1, 3), "bilinear")[0]])
+    assert torch.equal(got, want)
+    torch.testing.assert_close(vlcore.ops.token_pool_2d_varlen(x, grids, stride=2, mode="bilinear")[0], want)
+    assert torch.equal(patch_merge_2x2_varlen_ref(x, grids), vlcore.ops.patch_merge_2x2_varlen(x, grids))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        token_pool_2d_ref(x[None, :8], (4, 2), (2, 1), "nearest")

@@ -388,3 +388,44 @@ def test_tome_merge_backward_rejects_other_dtypes(device):
 def test_tome_match_object_is_a_namedtuple():
     match = vlcore.ops.tome_match(torch.randn(1, 6, 3), 2)
     assert isinstance(match, TomeMatch) and match.dense and match.out_seqlens == (4,)
+
+
+def test_empty_dense_batch_gives_empty_results():
+    match = vlcore.ops.tome_match(torch.randn(0, 9, 4), 3)
+    x, size = vlcore.ops.tome_merge(torch.randn(0, 9, 5), match)
+    assert x.shape == (0, 6, 5) and size.shape == (0, 6, 1)
+    assert vlcore.ops.tome_unmerge(x, match).shape == (0, 9, 5)
+    assert vlcore.ops.tome_source(match).shape == (0, 6, 9)
+    assert vlcore.ops.tome_track(match).shape == (0, 9)
+    identity = vlcore.ops.tome_match(torch.randn(0, 9, 4), 0)
+    assert vlcore.ops.tome_merge(torch.randn(0, 9, 5), identity)[0].shape == (0, 9, 5)
+    varlen = vlcore.ops.tome_match_varlen(torch.randn(0, 4), [], 2)
+    assert vlcore.ops.tome_merge(torch.randn(0, 5), varlen)[0].shape == (0, 5)
+
+
+def test_tome_track_checks_origin_and_never_wraps():
+    varlen = vlcore.ops.tome_match_varlen(torch.randn(9, 4), [4, 5], 1)
+    with pytest.raises(ValueError, match=r"origin\[1\] = -1 is out of range: the match has 9 input tokens"):
+        vlcore.ops.tome_track(varlen, torch.tensor([0, -1]))
+    with pytest.raises(ValueError, match=r"origin\[0\] = 9 is out of range"):
+        vlcore.ops.tome_track(varlen, torch.tensor([9]))
+    assert torch.equal(vlcore.ops.tome_track(varlen, torch.tensor([0, 8], dtype=torch.int32)), varlen.dest[[0, 8]])
+    dense = vlcore.ops.tome_match(torch.randn(2, 9, 4), 3)
+    with pytest.raises(ValueError, match=r"origin\[0, 1\] = -1 is out of range: the match has 9 input tokens per image"):
+        vlcore.ops.tome_track(dense, torch.tensor([[0, -1], [1, 2]]))
+    with pytest.raises(ValueError, match="origin must have the match's batch size 2"):
+        vlcore.ops.tome_track(dense, torch.zeros(3, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"origin must be an int64 or int32 tensor \[B, N_orig\]"):
+        vlcore.ops.tome_track(dense, torch.zeros(2, 9))
+    with pytest.raises(ValueError, match=r"origin must be an int64 or int32 tensor \[T_orig\]"):
+        vlcore.ops.tome_track(varlen, [0, 1])
+
+
+def test_match_ref_scores_in_the_compute_dtype():
+    metric = torch.randn(2, 11, 6)
+    ref64 = tome_match_ref(metric, 4)
+    ref32 = tome_match_ref(metric, 4, compute_dtype=torch.float32)
+    assert ref64 is not None and ref32 is not None and ref64._fields == ("unmerged", "src", "dst")
+    # Random scores are far apart: both dtypes rank alike.
+    for a, b in zip(ref64, ref32):
+        assert torch.equal(a, b)

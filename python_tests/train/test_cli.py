@@ -48,7 +48,15 @@ def data_files(tmp_path_factory):
     # --init-from: the weights of the tiny model the switch runs train (a vlcore model.safetensors)
     model, _ = build_model(load_config(TINY))
     save_model(model, str(root / "init.safetensors"))
+    # A Karpathy split file whose images live in images/ under another root: 6 test, 6 val images.
+    (root / "images").mkdir()
+    for i in range(12):
+        (root / "images" / f"{i}.png").write_bytes(png_bytes(i))
+    karpathy = {"images": [{"filename": f"{i}.png", "split": "test" if i < 6 else "val",
+                            "sentences": [{"raw": f"caption {i}"}, {"raw": f"image {i}"}]} for i in range(12)]}
+    (root / "karpathy.json").write_text(json.dumps(karpathy))
     return {"csv": str(root / "data.csv"), "wds": str(root / "shard-{0..1}.tar"),
+            "karpathy": str(root / "karpathy.json"), "images": str(root / "images"),
             "init": str(root / "init.safetensors")}
 
 
@@ -119,6 +127,15 @@ SWITCHES = {
     "ddp_backend": lambda files: ["--ddp-backend", "gloo"],
     "fsdp": lambda files: ["--fsdp"],  # one process: no sharding, the run must still work
     "synthetic_benchmark": lambda files: ["--synthetic-benchmark"],
+    "val_image_root": lambda files: ["--val-data", files["karpathy"], "--val-data-type", "karpathy",
+                                     "--val-image-root", files["images"]],
+    "val_split": lambda files: ["--val-data", files["karpathy"], "--val-data-type", "karpathy",
+                                "--val-image-root", files["images"], "--val-split", "val"],
+    "itm_rerank_k": lambda files: ["--model", "fiber-tiny", "--itm-rerank-k", "3"],
+    "caption_samples": lambda files: CAPTIONER + ["--caption-samples", "2"],
+    "num_beams": lambda files: CAPTIONER + ["--caption-samples", "2", "--num-beams", "2"],
+    "zeroshot": lambda files: ["--zeroshot", "none"],
+    "mir_samples": lambda files: CAPTIONER + ["--mir-samples", "4"],
 }
 
 

@@ -105,6 +105,9 @@ def test_bad_nvfp4_values_name_the_field(value, message):
     ("eps", "-1", "a finite number > 0"), ("eps", "0", "a finite number > 0"), ("eps", "nan", "a finite number > 0"),
     ("warmup-steps", "-1", ">= 0"), ("workers", "-2", ">= 0"), ("keep-checkpoints", "0", "positive"),
     ("device", "gpu0", "expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ("itm-rerank-k", "-1", ">= 0"), ("caption-samples", "-1", ">= 0"), ("mir-samples", "-3", ">= 0"),
+    ("num-beams", "0", ">= 1"), ("zeroshot", "", "'auto', 'shapes', 'none' or a folder-per-class path"),
+    ("val-data-type", "flickr", "must be one of"), ("val-data-type", "karpathy", "needs an annotation file"),
 ])
 def test_numeric_ranges_are_checked_with_the_field_named(field, value, allowed):
     with pytest.raises(ConfigError, match=f"config field '{field.replace('-', '_')}'") as e:

@@ -1,4 +1,4 @@
-"""Retrieval metrics follow CLIP_benchmark's protocol (vlp.md §6.1), checked on a hand-computed example."""
+"""Retrieval metrics follow CLIP_benchmark's protocol (docs/evaluation.md, 'Retrieval recall'), checked on a hand-computed example."""
 
 import pytest
 import torch

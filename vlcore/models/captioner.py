@@ -111,23 +111,21 @@ class Captioner(nn.Module):
             return {"loss": 0.0 * x.sum(), "num_targets": taken.sum(), **extra}
         return {"loss": F.cross_entropy(logits.float(), targets[taken]), "num_targets": taken.sum(), **extra}
 
-    @torch.no_grad()
-    def generate(self, images: torch.Tensor, prompts: Optional[Sequence[Sequence[int]]] = None, *,
-                 max_new_tokens: int = 16, eos_token_id: Optional[int] = None) -> list[list[int]]:
-        """Greedy decoding for a batch of images ``[B, 3, H, W]``, each with its own prompt token list.
-
-        Sequences are left-padded to a common length (pad keys get a -inf bias, positions start at each
-        sample's first real token), prefilled once, then decoded one token per step over a KV cache.
-        Returns the generated ids of each sample, up to and including ``eos_token_id``.
-        """
+    def _prefill_state(self, images: torch.Tensor, prompts: Optional[Sequence[Sequence[int]]], max_new_tokens: int,
+                       where: str):
+        """What both decoders start from: the left-padded rows of ``[image tokens] prompt`` embedded, with the
+        vision rows scattered in, each sample's positions (starting at its first real token), a key bias that
+        hides the pad keys, and one empty KV cache per block sized for ``max_new_tokens`` more positions."""
         batch = images.shape[0]
         prompts = [list(p) for p in prompts] if prompts is not None else [[] for _ in range(batch)]
+        if len(prompts) != batch:
+            raise ValueError(f"Captioner.{where}: {batch} images but prompts has {len(prompts)} entries")
         n = self.num_image_tokens
         lengths = [n + len(p) for p in prompts]
         width = max(lengths)
         total = width + max_new_tokens
         if total > self.config.text_cfg.context_length:
-            raise ValueError(f"Captioner.generate: {total} positions exceed context_length {self.config.text_cfg.context_length}")
+            raise ValueError(f"Captioner.{where}: {total} positions exceed context_length {self.config.text_cfg.context_length}")
         device = images.device
         pads = torch.tensor([width - length for length in lengths], device=device)
         ids = torch.zeros(batch, width, dtype=torch.long, device=device)
@@ -142,14 +140,30 @@ class Captioner(nn.Module):
         key_bias.masked_fill_(torch.arange(total, device=device)[None] < pads[:, None], float("-inf"))
         caches = [KVCache(batch, total, blk.attn.num_kv_heads, blk.attn.head_dim, dtype=x.dtype, device=device)
                   for blk in self.lm.blocks]
+        return x, positions, key_bias, caches, width
 
+    def _next_logits(self, x: torch.Tensor, key_bias: torch.Tensor, caches: list, seen: int) -> torch.Tensor:
+        """Run the new rows ``x`` through the LM over the cache; the logits of the last row, ``[B, vocab]``."""
+        for block, cache in zip(self.lm.blocks, caches):
+            x = block(x, key_bias=key_bias[:, :seen], kv_cache=cache)
+        return self.lm_head(self.lm.norm_final(x[:, -1]))
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, prompts: Optional[Sequence[Sequence[int]]] = None, *,
+                 max_new_tokens: int = 16, eos_token_id: Optional[int] = None) -> list[list[int]]:
+        """Greedy decoding for a batch of images ``[B, 3, H, W]``, each with its own prompt token list.
+
+        Sequences are left-padded to a common length (pad keys get a -inf bias, positions start at each
+        sample's first real token), prefilled once, then decoded one token per step over a KV cache.
+        Returns the generated ids of each sample, up to and including ``eos_token_id``.
+        """
+        batch = images.shape[0]
+        x, positions, key_bias, caches, width = self._prefill_state(images, prompts, max_new_tokens, "generate")
         out = [[] for _ in range(batch)]
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=images.device)
         for step in range(max_new_tokens):
             seen = width + step
-            for block, cache in zip(self.lm.blocks, caches):
-                x = block(x, key_bias=key_bias[:, :seen], kv_cache=cache)
-            next_ids = self.lm_head(self.lm.norm_final(x[:, -1])).argmax(dim=-1)
+            next_ids = self._next_logits(x, key_bias, caches, seen).argmax(dim=-1)
             for b in (~finished).nonzero().flatten().tolist():
                 out[b].append(int(next_ids[b]))
             if eos_token_id is not None:
@@ -157,4 +171,84 @@ class Captioner(nn.Module):
                 if bool(finished.all()):
                     break
             x = self.lm.embed(next_ids[:, None], positions[:, seen : seen + 1])
+        return out
+
+    @torch.no_grad()
+    def beam_search(self, images: torch.Tensor, prompts: Optional[Sequence[Sequence[int]]] = None, *,
+                    num_beams: int = 3, max_new_tokens: int = 16, eos_token_id: Optional[int] = None,
+                    length_penalty: float = 1.0) -> list[tuple[list[int], float]]:
+        """Beam search (Hugging Face's rules, ``early_stopping=False``) for a batch of images: per sample,
+        ``(ids up to and including eos_token_id, summed log-probability)`` of the best hypothesis by
+        ``sum log p / length ** length_penalty``.
+
+        Each step extends every live beam by every token and keeps the best ``num_beams`` continuations
+        that do not end the caption; those that do (among the best ``num_beams``) become finished
+        hypotheses. A sample stops once it has ``num_beams`` finished hypotheses, none worse than its best
+        live beam. The prefilled state is shared by a sample's beams; the caches follow the surviving beams.
+        """
+        if num_beams < 1:
+            raise ValueError(f"Captioner.beam_search: num_beams must be >= 1, got {num_beams}")
+        batch, beams, device = images.shape[0], num_beams, images.device
+        x, positions, key_bias, caches, width = self._prefill_state(images, prompts, max_new_tokens, "beam_search")
+        logp = self._next_logits(x, key_bias, caches, width).float().log_softmax(dim=-1)
+        rows = torch.arange(batch, device=device).repeat_interleave(beams)
+        logp, positions, key_bias = logp[rows], positions[rows], key_bias[rows]
+        for cache in caches:
+            cache.k, cache.v = cache.k[rows], cache.v[rows]
+        vocab = logp.shape[-1]
+        scores = torch.full((batch, beams), float("-inf"), device=device)
+        scores[:, 0] = 0.0  # one live beam per sample at first, so the first step picks distinct tokens
+        sequences = [[] for _ in range(batch * beams)]
+        finished = [[] for _ in range(batch)]  # (normalised score, summed log p, ids)
+        done = [False] * batch
+
+        def normalised(total, length):
+            return total / (length ** length_penalty)
+
+        for step in range(max_new_tokens):
+            candidates = (scores.reshape(-1, 1) + logp).reshape(batch, beams * vocab)
+            top_scores, top_index = candidates.topk(min(2 * beams, beams * vocab), dim=1)
+            new_scores = torch.full((batch, beams), float("-inf"), device=device)
+            new_beam = torch.zeros(batch, beams, dtype=torch.long, device=device)
+            new_token = torch.zeros(batch, beams, dtype=torch.long, device=device)
+            for b in range(batch):
+                if done[b]:
+                    continue
+                kept = 0
+                for rank, (score, index) in enumerate(zip(top_scores[b].tolist(), top_index[b].tolist())):
+                    if score == float("-inf"):
+                        break
+                    beam, token = divmod(index, vocab)
+                    if token == eos_token_id:
+                        if rank < beams:
+                            ids = sequences[b * beams + beam] + [token]
+                            finished[b].append((normalised(score, len(ids)), score, ids))
+                    else:
+                        new_scores[b, kept], new_beam[b, kept], new_token[b, kept] = score, beam, token
+                        kept += 1
+                    if kept == beams:
+                        break
+                finished[b] = sorted(finished[b], key=lambda h: -h[0])[:beams]
+                best_live = normalised(new_scores[b].max().item(), step + 1)
+                done[b] = len(finished[b]) == beams and finished[b][-1][0] >= best_live
+            if all(done):
+                break
+            reorder = (torch.arange(batch, device=device)[:, None] * beams + new_beam).flatten()
+            for cache in caches:
+                cache.k, cache.v = cache.k[reorder], cache.v[reorder]
+            sequences = [sequences[r] + [t] for r, t in zip(reorder.tolist(), new_token.flatten().tolist())]
+            scores = new_scores
+            if step + 1 == max_new_tokens:
+                break
+            seen = width + step
+            x = self.lm.embed(new_token.reshape(-1, 1), positions[:, seen : seen + 1])
+            logp = self._next_logits(x, key_bias, caches, seen + 1).float().log_softmax(dim=-1)
+        out = []
+        for b in range(batch):
+            hypotheses = list(finished[b])
+            if not done[b]:  # out of budget: the live beams compete too
+                hypotheses += [(normalised(s, len(sequences[b * beams + i])), s, sequences[b * beams + i])
+                               for i, s in enumerate(scores[b].tolist()) if s != float("-inf")]
+            best = max(hypotheses, key=lambda h: h[0])
+            out.append((best[2], best[1]))
         return out

@@ -94,7 +94,7 @@ def zero_shot_classify(model: CLIP, images: torch.Tensor, classifier: torch.Tens
 @torch.no_grad()
 def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
                      ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """CLIP_benchmark's retrieval metrics (vlp.md §6.1): hit rate at k.
+    """CLIP_benchmark's retrieval metrics (docs/evaluation.md, 'Retrieval recall'): hit rate at k.
 
     ``image_features [N_img, D]``, ``text_features [N_txt, D]`` (normalised), ``text_to_image [N_txt]`` int64:
     the image each caption belongs to. ``image_retrieval_recall@k``: per caption, is its image in the top k;

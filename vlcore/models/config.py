@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Optional, Union
+from typing import Optional
 
-from vlcore.nn.backend import parse_r
+from vlcore.nn.tome import TomeR, parse_r
 from vlcore.nn.transformer import ACTIVATIONS, check_tome_schedule
 
-TomeR = Union[int, list, tuple]
 
 
 def _check_width(where: str, width: int, heads: int) -> None:

@@ -1,4 +1,4 @@
-"""FIBER-style fusion in the backbone (vlp.md §1), on pre-LN ViT and bidirectional text towers.
+"""FIBER-style fusion in the backbone (docs/models.md, 'FIBER-style fusion'), on pre-LN ViT and bidirectional text towers.
 
 The top ``K = fusion_cfg.layers`` blocks of both towers carry a gated cross-attention (``alpha`` init 0).
 Vision block ``Lv - K + i`` runs beside text block ``Lt - K + i``; each reads the other's *pre-update*
@@ -11,7 +11,7 @@ text stream. The lower, unfused blocks run once per input; only the top K run pe
 fused layer reads each image's / text's K/V once through ``context_index`` (the attention's ``kv_segment``
 under ``impl="vlcore"``; copies under ``impl="torch"``).
 
-:class:`BridgeTowerModel` (``fusion_cfg.variant = "bridgetower"``, vlp.md §1.5) keeps the towers unimodal
+:class:`BridgeTowerModel` (``fusion_cfg.variant = "bridgetower"``, docs/models.md, 'BridgeTower') keeps the towers unimodal
 and fuses in a K-layer cross-modal encoder fed by bridge layers, with the same heads and objectives.
 """
 
@@ -148,6 +148,17 @@ class FusionModel(nn.Module):
         image_tokens, text_states = self.upper(self.lower_image(images), self.lower_text(tokens), text_lengths, fuse=True)
         return self.itm_logits(image_tokens, text_states, tokens).softmax(dim=-1)[:, 1]
 
+    def pair_itm_logits(self, image_lower, text_lower, tokens: torch.Tensor, image_index: torch.Tensor,
+                        text_index: torch.Tensor) -> torch.Tensor:
+        """``[P, 2]`` ITM logits of the pairs ``(image_index[p], text_index[p])`` from :meth:`lower_image` /
+        :meth:`lower_text` states computed once per image and text (``tokens`` are the texts'). As for ITM
+        negatives, the first fused layer reads each image's and text's K/V once through ``context_index``
+        (the attention's ``kv_segment``), so a candidate shared by k pairs is never copied k times."""
+        text_lengths = self.text.key_lengths(tokens)
+        fused_image, fused_text = self.upper(image_lower, text_lower, text_lengths, fuse=True,
+                                             image_index=image_index, text_index=text_index)
+        return self.itm_logits(fused_image, fused_text, tokens[text_index])
+
     def sample_negatives(self, similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One negative text per image and one negative image per text, drawn (no grad) with probability
         ``softmax(similarity)`` over the other items of the batch (uniform when hard negatives are off)."""
@@ -219,7 +230,7 @@ class CrossModalTower(nn.Module):
 
 
 class BridgeTowerModel(FusionModel):
-    """BridgeTower-style fusion (vlp.md §1.5) on the same blocks and objectives as :class:`FusionModel`: the
+    """BridgeTower-style fusion (docs/models.md, 'BridgeTower') on the same blocks and objectives as :class:`FusionModel`: the
     towers run unfused; the outputs of their top K layers feed, one to one through bridge layers, a K-layer
     cross-modal encoder per modality whose layers read each other's inputs (cross-attention, not gated)."""
 

@@ -1,7 +1,7 @@
 """Contrastive losses: InfoNCE (CLIP) and sigmoid (SigLIP), single-process or distributed, plain or
 memory-bounded (chunked).
 
-Conventions follow open_clip (vlp.md §5.1–5.3): features arrive L2-normalised, ``logit_scale`` arrives
+Conventions follow open_clip (docs/models.md, 'Contrastive losses'): features arrive L2-normalised, ``logit_scale`` arrives
 exp'd, ``logit_bias`` is optional. With ``world_size > 1`` every rank passes its local batch:
 
 - ``gather_with_grad=True`` all-gathers features with an autograd-aware gather, so every rank's loss sends

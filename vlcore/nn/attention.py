@@ -83,8 +83,8 @@ class CrossAttention(nn.Module):
     initialised to 0 (FIBER), so that a freshly built fusion block leaves its input unchanged.
 
     ``x [B, Lq, C]`` queries, ``context [Bc, Lk, C_ctx]``. Batch row i reads context row
-    ``context_index[i]`` (default i; ITM hard negatives): the torch impl gathers copies of the context, the
-    vlcore impl projects K/V once per context row and shares them through the attention's ``kv_segment``.
+    ``context_index[i]`` (default i; ITM hard negatives): K/V are projected once per context row, then
+    :func:`vlcore.nn.backend.shared_context_attention` shares them (vlcore) or gathers copies (torch).
     ``context_lengths`` int32 ``[Bc]`` masks padded context tokens.
     """
 
@@ -101,32 +101,12 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, *, context_lengths: Optional[torch.Tensor] = None,
                 context_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if context_index is not None and self.impl == "torch":
-            context = context[context_index]
-            context_lengths = None if context_lengths is None else context_lengths[context_index]
-            context_index = None
         q = self.q(x).unflatten(-1, (self.num_heads, self.head_dim))
         k, v = self.kv(context).unflatten(-1, (2 * self.num_kv_heads, self.head_dim)).chunk(2, dim=-2)
         if context_index is None:
             y = backend.attention(q, k, v, key_lengths=context_lengths, impl=self.impl)
         else:
-            y = self._shared_context_attention(q, k, v, context_lengths, context_index)
+            y = backend.shared_context_attention(q, k, v, context_index, context_lengths=context_lengths,
+                                                 impl=self.impl)
         y = self.out(y.flatten(-2))
         return y if self.alpha is None else self.alpha.to(y.dtype) * y
-
-    def _shared_context_attention(self, q, k, v, context_lengths, context_index):
-        # Packed layout with one segment per query row and per context row; kv_segment says which context
-        # segment each query segment reads, so K/V are never copied. Padded context keys get a -inf bias.
-        batch, len_q = q.shape[:2]
-        num_context, len_k = k.shape[:2]
-        cu_q = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * len_q
-        cu_k = torch.arange(num_context + 1, device=q.device, dtype=torch.int32) * len_k
-        key_bias = None
-        if context_lengths is not None:
-            valid = torch.arange(len_k, device=q.device) < context_lengths.view(-1, 1)
-            key_bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(~valid, float("-inf"))
-            key_bias = key_bias.flatten()
-        y = backend.attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                              max_seqlen_q=len_q, max_seqlen_k=len_k, key_bias=key_bias,
-                              kv_segment=context_index.to(torch.int32), impl=self.impl)
-        return y.unflatten(0, (batch, len_q))

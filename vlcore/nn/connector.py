@@ -1,4 +1,4 @@
-"""Vision-to-language connectors (vlp.md §3): reduce a vision tower's patch-token grid before (or after) the
+"""Vision-to-language connectors (docs/token_grid.md): reduce a vision tower's patch-token grid before (or after) the
 MLP projector that maps it into the language model's width.
 
 - ``avg_pool``: adaptive average pooling to a grid (Open-Qwen2VL's ``AdaptiveAvgPool2d((12, 12))``);
@@ -72,20 +72,10 @@ class TokenPooler(nn.Module):
         out_grids = [self.output_grid(g) for g in grids]
         if self.kind == "none":
             return x, out_grids
-        if self.impl == "vlcore" and backend.has_op("token_pool_2d"):
-            import vlcore.ops
-
-            if self.kind == "merge_2x2":
-                return vlcore.ops.patch_merge_2x2_varlen(x, grids), out_grids
-            mode = "avg" if self.kind == "avg_pool" else "bilinear"
-            return vlcore.ops.token_pool_2d_varlen(x, grids, output_hw=out_grids, mode=mode)[0], out_grids
-        # Plain PyTorch: image by image through the dense path.
-        pieces, start = [], 0
-        for g in grids:
-            n = g[0] * g[1]
-            pieces.append(self.forward(x[start:start + n].unsqueeze(0), g)[0])
-            start += n
-        return torch.cat(pieces) if pieces else x.new_empty(0, self.channels_out(x.shape[-1])), out_grids
+        if self.kind == "merge_2x2":
+            return backend.patch_merge_2x2_varlen(x, grids, impl=self.impl), out_grids
+        mode = "avg" if self.kind == "avg_pool" else "bilinear"
+        return backend.token_pool_2d_varlen(x, grids, output_hw=out_grids, mode=mode, impl=self.impl)[0], out_grids
 
 
 class TokenConnector(nn.Module):

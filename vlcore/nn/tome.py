@@ -1,6 +1,6 @@
-"""ToMe's schedule of tokens merged per layer (``tome/utils.py::parse_r``, vlp.md §2.3).
+"""ToMe's schedule of tokens merged per layer (``tome/utils.py::parse_r``, docs/tome.md).
 
-:mod:`vlcore.nn.backend` imports :func:`parse_r` from here; the ViT block that merges between attention and
+The model configs take a :data:`TomeR` and expand it with :func:`parse_r`; the ViT block that merges between attention and
 MLP with proportional attention is :class:`vlcore.nn.transformer.Block` (``tome_r``, ``size``).
 """
 

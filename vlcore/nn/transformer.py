@@ -1,9 +1,9 @@
 """Pre-LN transformer blocks, with the two optional pieces the VLP models need:
 
-- **fusion** (FIBER, vlp.md §1.2): a gated cross-attention on the self-attention output,
+- **fusion** (FIBER, docs/models.md): a gated cross-attention on the self-attention output,
   ``A = SelfAttn(LN1(x)); A = A + alpha * CrossAttn(LN_q(A), LN_ctx(other)); x = x + A``, with ``alpha``
   initialised to 0 so a fused block starts as its unimodal self;
-- **ToMe** (vlp.md §2.3): token merging between the attention and the MLP, on the attention's keys, with
+- **ToMe** (docs/tome.md): token merging between the attention and the MLP, on the attention's keys, with
   proportional attention (``+ log(size)`` on every key's logit).
 
 Every linear layer is a plain ``nn.Linear`` (NVFP4-convertible).

@@ -1,10 +1,10 @@
 """``convert(model, policy)``: swap the eligible ``nn.Linear`` layers of a model for :class:`NVFP4Linear`.
 
-What is eligible follows the paper (spec §6): the linear layers inside transformer blocks, except the last
-~15 % of the blocks of each tower (the most sensitive to 4-bit) and optionally the first few. Embeddings,
-heads, norms and the attention score / value products are never touched: vlcore's models keep every
-transformer block in a ``blocks`` ``nn.ModuleList`` and every matrix in a plain ``nn.Linear``, and only
-linears inside those blocks are candidates. A candidate whose dimensions are not multiples of 16 stays
+What is eligible follows the paper (docs/nvfp4.md, 'Training recipe'): the linear layers inside transformer
+blocks, except the last ~15 % of the blocks of each tower (the most sensitive to 4-bit) and optionally the
+first few. Embeddings, heads, norms and the attention score / value products are never touched: vlcore's
+models keep every transformer block in a ``blocks`` ``nn.ModuleList`` and every matrix in a plain
+``nn.Linear``, and only linears inside those blocks are candidates. A candidate whose dimensions are not multiples of 16 stays
 high precision and is listed in the report.
 """
 

@@ -1,4 +1,5 @@
-"""NVFP4Linear: the training recipe of "Pretraining Large Language Models with NVFP4" (spec §6) on vlcore's ops.
+"""NVFP4Linear: the training recipe of "Pretraining Large Language Models with NVFP4" on vlcore's ops
+(docs/nvfp4.md, 'Training recipe').
 
 Per linear layer ``Y = X W^T (+ b)`` with ``X [T, K]``, ``W [N, K]``:
 

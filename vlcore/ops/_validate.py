@@ -4,13 +4,14 @@ import torch
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int | None = None, max_len: int | None = None,
-                     *, op: str = "vlcore", max_len_name: str = "max_len") -> None:
-    """Raise ValueError unless ``cu_seqlens`` is int32, 1-D, starts at 0, is non-decreasing, ends at
-    ``total`` and has no segment longer than ``max_len``. Reads the values: syncs when on a GPU."""
+                     *, op: str = "vlcore", max_len_name: str = "max_len", min_batch: int = 1) -> None:
+    """Raise ValueError unless ``cu_seqlens`` is int32, 1-D with at least ``min_batch + 1`` entries, starts
+    at 0, is non-decreasing, ends at ``total`` and has no segment longer than ``max_len``. Reads the values:
+    syncs when on a GPU."""
     if cu_seqlens.dtype != torch.int32:
         raise ValueError(f"{op}: cu_seqlens must be int32, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"{op}: cu_seqlens must be 1-D with batch + 1 >= 2 entries, got shape "
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < min_batch + 1:
+        raise ValueError(f"{op}: cu_seqlens must be 1-D with batch + 1 >= {min_batch + 1} entries, got shape "
                          f"{tuple(cu_seqlens.shape)}")
     cu = cu_seqlens.detach().to("cpu", torch.int64)
     if cu[0] != 0:

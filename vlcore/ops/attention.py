@@ -1,15 +1,17 @@
 """Fused softmax attention over varlen segments: cross- and self-attention, forward and backward.
 
-Packed layout (flash-attn varlen, vlp.md §4.2):
+Packed layout (flash-attn varlen; docs/attention.md):
 
 - ``q [total_q, Hq, D]``, ``k``/``v`` ``[total_k, Hkv, D]``, ``Hq`` a multiple of ``Hkv`` (GQA / MQA);
 - ``cu_seqlens_q [Sq + 1]`` / ``cu_seqlens_k [Sk + 1]``: int32 with a leading 0, on q's device;
   query segment ``i`` is rows ``cu_seqlens_q[i] .. cu_seqlens_q[i+1] - 1`` and attends to key segment
   ``kv_segment[i]`` (default ``i``, then ``Sq == Sk``); q and k segments have independent lengths;
 - ``max_seqlen_q`` / ``max_seqlen_k``: Python ints bounding the segment lengths (they size the CUDA grid).
-  They must be true upper bounds, as in flash-attn: the CPU kernel checks them, but the CUDA kernels cannot
-  without a host sync, and rows past an understated bound are left uncomputed. Pass ``validate=True`` to
-  check every value on the host while debugging a data pipeline.
+  They must be true upper bounds, as in flash-attn: the CPU kernel checks them and raises a ValueError
+  naming the argument. The CUDA kernels cannot check without a host sync; their CTAs loop over the tiles a
+  segment really has, so an understated bound still gives every output (just fewer CTAs in parallel). Pass
+  ``validate=True`` to check every value on the host (ValueError naming the argument) while debugging a
+  data pipeline.
 
 Semantics:
 
@@ -24,19 +26,32 @@ Semantics:
   nothing.
 - ``lse [Hq, total_q]`` (natural log of the softmax denominator) is float32, float64 for float64 inputs.
 
-Dtypes: float16 / bfloat16 on CUDA (float32 accumulation, head dims 32, 64, 128); on CPU also float32 and
-float64 (the exact reference: float32 arithmetic for 16-bit inputs, float64 for float64, any head dim).
+Dtypes: float16 / bfloat16 on CUDA (float32 accumulation, head dims 32, 64, 72, 80, 96, 128); on CPU also
+float32 and float64 (the exact reference: float32 arithmetic for 16-bit inputs, float64 for float64, any
+head dim). Under autocast the op casts its inputs itself and runs with autocast off (see "Autocast" below):
+on CUDA q, k, v go to the autocast dtype; on CPU they keep their (common) dtype, so the reference stays exact.
+Inputs of any alignment are taken: a view at an odd storage offset is copied once to an aligned buffer for
+the CUDA kernels' 16-byte loads (decided on the host from ``data_ptr``, no sync).
 
 Backward: ``dq``, ``dk``, ``dv`` and ``d key_bias`` (when it requires grad). With ``kv_segment``, ``dk``/``dv``
-and ``d key_bias`` sum over every query segment that reads a key segment. ``deterministic=True`` (or
-``torch.use_deterministic_algorithms(True)``) makes the CUDA backward bitwise reproducible: ``dq`` is then
-computed by a second pass over the key tiles instead of fp32 atomics, which recomputes the two
-``Lq x Lk`` products ``QK^T`` and ``dO V^T`` once more (about 1.4x the backward's matmul work). The CPU
-backward is always deterministic.
+and ``d key_bias`` sum over every query segment that reads a key segment. On CUDA, when ``max_seqlen_k``
+is at most 256 (head dims up to 64; 128 above), one CTA holds a whole key segment and computes dK, dV and
+dQ in one pass without atomics (deterministic; an image's K/V is read once for all the text segments of
+``kv_segment`` reading it). Longer keys take tiled kernels: ``dq`` by float32 atomics by default, or, with
+``deterministic=True`` (or, when ``deterministic`` is left at None,
+``torch.use_deterministic_algorithms(True)``), by a second pass over the key tiles that recomputes the
+``Lq x Lk`` products ``QK^T`` and ``dO V^T`` (about 1.4x the backward's matmul work), bitwise reproducible.
+The environment variable ``VLCORE_ATTENTION_SHORT_BACKWARD=0`` turns the short-key kernel off (the tests
+reach the tiled kernels on short shapes with it). The CPU backward is always deterministic.
 
 Value checks: the CPU kernels check every value of the index tensors. The CUDA kernels clamp what they
 read so that they never go out of bounds, but checking values there would need a host sync, so pass
 ``validate=True`` to check on the host (a sync on GPU; use it when debugging a data pipeline).
+
+Dispatch (``backend=``): plain self-attention on long segments runs torch's own kernels through this same
+function (SDPA for the dense form, ``varlen_attn`` for packed batches where this torch has it), with their
+autograd; see the "Dispatch" section below for what is eligible and where the switch point lies.
+``return_lse=True``, ``key_bias``, ``key_lengths`` and ``kv_segment`` always take the vlcore kernels.
 """
 
 from __future__ import annotations
@@ -48,7 +63,7 @@ import torch
 
 from vlcore.ops._validate import check_cu_seqlens
 
-__all__ = ["attention", "attention_ref"]
+__all__ = ["attention", "attention_ref", "set_attention_backend", "BACKENDS", "LIBRARY_MIN_SEQLEN"]
 
 _OP = "vlcore.ops.attention"
 
@@ -57,8 +72,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: O
               cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_q: Optional[int] = None,
               max_seqlen_k: Optional[int] = None, *, causal: bool = False, scale: Optional[float] = None,
               key_bias: Optional[torch.Tensor] = None, kv_segment: Optional[torch.Tensor] = None,
-              return_lse: bool = False, key_lengths: Optional[torch.Tensor] = None, deterministic: bool = False,
-              validate: bool = False):
+              return_lse: bool = False, key_lengths: Optional[torch.Tensor] = None,
+              deterministic: Optional[bool] = None, validate: bool = False, backend: Optional[str] = None):
     """Softmax attention ``softmax(scale * q k^T + key_bias) v`` per segment (see the module docstring).
 
     Packed form: ``q [total_q, Hq, D]``, ``k``/``v`` ``[total_k, Hkv, D]`` with ``cu_seqlens_q``,
@@ -69,19 +84,33 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: O
     ``key_lengths [B]`` masking keys ``>= key_lengths[b]`` and ``key_bias [B, Lk]`` or ``[B, Lk, Hq]``;
     returns ``out [B, Lq, Hq, D]`` (and ``lse [B, Hq, Lq]``).
 
-    ``scale`` defaults to ``1 / sqrt(D)``.
+    ``scale`` defaults to ``1 / sqrt(D)``. ``deterministic=None`` follows
+    ``torch.are_deterministic_algorithms_enabled()``; True or False chooses the CUDA backward explicitly.
+    ``backend``: ``"auto"``, ``"vlcore"`` or ``"library"`` (see "Dispatch" in the module docstring); None
+    uses the process-wide choice of :func:`set_attention_backend` (``"auto"`` unless changed).
     """
+    if q.dim() == 0 or q.shape[-1] == 0:
+        raise ValueError(f"{_OP}: head_dim (q's last dimension) must be >= 1, got q of shape {tuple(q.shape)}")
+    backend = _backend if backend is None else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"{_OP}: backend must be one of {BACKENDS}, got {backend!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    deterministic = bool(deterministic or torch.are_deterministic_algorithms_enabled())
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    deterministic = bool(deterministic)
     if cu_seqlens_q is None:
         return _dense_attention(q, k, v, causal=causal, scale=scale, key_bias=key_bias, key_lengths=key_lengths,
                                 kv_segment=kv_segment, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse,
-                                deterministic=deterministic, validate=validate)
+                                deterministic=deterministic, validate=validate, backend=backend)
     if cu_seqlens_k is None or max_seqlen_q is None or max_seqlen_k is None:
         raise ValueError(f"{_OP}: the packed form needs cu_seqlens_q, cu_seqlens_k, max_seqlen_q and max_seqlen_k")
     if validate:
         _validate_packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, kv_segment)
+    library = _packed_library_kernel(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, key_bias, kv_segment,
+                                     key_lengths, return_lse, deterministic, backend)
+    if library is not None:
+        return library(q, k, v, cu_seqlens_q, int(max_seqlen_q), causal=causal, scale=float(scale))
     out, lse = torch.ops.vlcore.attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                                   int(max_seqlen_k), key_bias, kv_segment, key_lengths, causal,
                                                   float(scale), deterministic)
@@ -89,7 +118,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: O
 
 
 def _dense_attention(q, k, v, *, causal, scale, key_bias, key_lengths, kv_segment, cu_seqlens_k, return_lse,
-                     deterministic, validate):
+                     deterministic, validate, backend):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"{_OP}: the dense form takes q [B, Lq, Hq, D] and k, v [B, Lk, Hkv, D], got q "
                          f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (pass cu_seqlens_q for the "
@@ -105,15 +134,121 @@ def _dense_attention(q, k, v, *, causal, scale, key_bias, key_lengths, kv_segmen
             raise ValueError(f"{_OP}: dense key_bias must have shape [B, Lk] or [B, Lk, Hq] = [{batch}, {len_k}, "
                              f"{heads_q}], got {tuple(key_bias.shape)}")
         key_bias = key_bias.flatten(0, 1)
-    steps = torch.arange(batch + 1, device=q.device, dtype=torch.int32)
-    cu_q, cu_k = steps * len_q, steps * len_k
-    if validate and key_lengths is not None and key_lengths.dtype != torch.int32:
-        raise ValueError(f"{_OP}: key_lengths must be int32, got {key_lengths.dtype}")
+    if key_lengths is not None and (key_lengths.dtype != torch.int32 or key_lengths.shape != (batch,)):
+        raise ValueError(f"{_OP}: key_lengths must be int32 of shape [B] = [{batch}], got {key_lengths.dtype} "
+                         f"{tuple(key_lengths.shape)}")
+    if _dense_uses_library(q, k, v, causal, key_bias, key_lengths, return_lse, deterministic, backend):
+        return _sdpa(q, k, v, causal=causal, scale=scale)
+    # B = 0 is one empty segment (cu = [0, 0]): the op still checks every shape and gives empty results.
+    steps = torch.arange(max(batch, 1) + 1, device=q.device, dtype=torch.int32)
+    cu_q, cu_k = steps * len_q if batch else steps * 0, steps * len_k if batch else steps * 0
     out, lse = torch.ops.vlcore.attention_forward(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k,
-                                                  len_q, len_k, key_bias, None, key_lengths, causal, float(scale),
-                                                  deterministic)
+                                                  len_q, len_k, key_bias, None, key_lengths if batch else None,
+                                                  causal, float(scale), deterministic)
     out = out.unflatten(0, (batch, len_q))
     return (out, lse.unflatten(1, (batch, len_q)).transpose(0, 1)) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dispatch: plain self-attention on long segments goes to torch's own kernels (SDPA's cuDNN / FlashAttention
+# / memory-efficient backends for the dense form, varlen_attn for packed batches), whose speed there vlcore
+# does not try to beat. Eligible: no key_bias, no key_lengths, no kv_segment, no lse asked for (the library
+# kernels do not return it through autograd), and a deterministic backward not asked for on CUDA; dense
+# causal calls also need Lq == Lk (SDPA's causal mask is top-left aligned, vlcore's bottom-right) and packed
+# calls the same cu_seqlens tensor for q and k (self-attention: every segment has as many keys as queries).
+# "auto" takes the library kernel when eligible and the segments are at least LIBRARY_MIN_SEQLEN long (or
+# when the vlcore kernels cannot take the input, e.g. float32 on CUDA); "library" whenever eligible;
+# "vlcore" never.
+
+BACKENDS = ("auto", "vlcore", "library")
+#: Segment length from which "auto" prefers the library kernel. Not yet measured on a GPU: the switch point
+#: is the shortest length where bench_attention.py's "self-attn" rows show vlcore slower than the best peer
+#: (python benchmarks/bench_attention.py --check --part dense).
+LIBRARY_MIN_SEQLEN = 512
+_backend = "auto"
+
+
+def set_attention_backend(backend: str) -> str:
+    """Set the process-wide default of ``attention(..., backend=None)``; returns the previous one."""
+    global _backend
+    if backend not in BACKENDS:
+        raise ValueError(f"{_OP}: backend must be one of {BACKENDS}, got {backend!r}")
+    previous, _backend = _backend, backend
+    return previous
+
+
+def _vlcore_can_run(q) -> bool:
+    return q.device.type == "cpu" or q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _plain(key_bias, key_lengths, return_lse, deterministic, device, backend) -> bool:
+    # Under CPU autocast the op stays on its exact reference (SDPA would compute in the autocast dtype).
+    return (backend != "vlcore" and key_bias is None and key_lengths is None and not return_lse
+            and not (deterministic and device.type == "cuda")
+            and not (device.type == "cpu" and torch.is_autocast_enabled("cpu")))
+
+
+def _dense_uses_library(q, k, v, causal, key_bias, key_lengths, return_lse, deterministic, backend) -> bool:
+    len_q, len_k = q.shape[1], k.shape[1]
+    if not _plain(key_bias, key_lengths, return_lse, deterministic, q.device, backend):
+        return False
+    if q.shape[0] == 0 or len_q == 0 or len_k == 0 or (causal and len_q != len_k):
+        return False
+    if q.shape[2] % k.shape[2] != 0 or k.shape != v.shape or k.shape[3] != q.shape[3] or q.dtype != k.dtype:
+        return False  # the op's own checks name the argument
+    return backend == "library" or min(len_q, len_k) >= LIBRARY_MIN_SEQLEN or not _vlcore_can_run(q)
+
+
+def _sdpa(q, k, v, *, causal, scale):
+    import torch.nn.functional as F
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D] views
+    out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale,
+                                         enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
+def _find_varlen_attn():
+    """torch's varlen_attn and the keywords this torch's version takes, or None where it has none. Looked up
+    once at import, so that tracing (torch.compile) sees a constant."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    import inspect
+    params = set(inspect.signature(varlen_attn).parameters)
+    if "scale" not in params or ("window_size" not in params and "is_causal" not in params):
+        return None  # a version this dispatch does not know how to ask for a scale or a causal mask
+    return varlen_attn, params
+
+
+_VARLEN_ATTN = _find_varlen_attn()
+
+
+def _packed_library_kernel(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, key_bias, kv_segment, key_lengths,
+                           return_lse, deterministic, backend):
+    if kv_segment is not None or cu_seqlens_q is not cu_seqlens_k or q.device.type != "cuda":
+        return None
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.dim() != 3 or k.dim() != 3:
+        return None
+    if not _plain(key_bias, key_lengths, return_lse, deterministic, q.device, backend):
+        return None
+    if not (backend == "library" or max_seqlen_q >= LIBRARY_MIN_SEQLEN):
+        return None
+    if _VARLEN_ATTN is None or (q.shape[1] != k.shape[1] and "enable_gqa" not in _VARLEN_ATTN[1]):
+        return None
+    varlen_attn, params = _VARLEN_ATTN
+
+    def run(q, k, v, cu, max_len, *, causal, scale):
+        kwargs = dict(scale=scale)
+        if q.shape[1] != k.shape[1]:
+            kwargs["enable_gqa"] = True
+        if causal:  # segments have as many keys as queries: top-left and bottom-right alignment agree
+            if "window_size" in params:
+                kwargs["window_size"] = (-1, 0)
+            else:
+                kwargs["is_causal"] = True
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+    return run
 
 
 def _validate_packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, kv_segment):
@@ -214,6 +349,51 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("vlcore::attention_forward", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autocast: the op runs with autocast off inside (so the CPU reference's own matmuls stay exact) on inputs
+# cast as follows. CUDA: q, k and v in the autocast dtype (the kernels are 16-bit). CPU: q, k and v in their
+# common dtype (float32 inputs stay float32, exact; mixed bfloat16 / float32 inputs meet in float32).
+# key_bias is read in float32 by every kernel and is left as it is. The backward op only turns autocast off.
+
+_AUTOCAST_LIB = torch.library.Library("vlcore", "IMPL")
+
+
+def _register_autocast(name, device_type, cast):
+    op = getattr(torch.ops.vlcore, name).default
+    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+
+    def run(*args):
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return op(*cast(args))
+
+    if op.has_kernel_for_dispatch_key(key):
+        op.py_kernels.pop(key)
+    op.py_impl(key)(run)  # what tracing (torch.compile) sees
+    _AUTOCAST_LIB.impl(name, lambda _keys, *args: run(*args), "Autocast" + torch._C._dispatch_key_for_device(device_type),
+                       with_keyset=True)
+
+
+def _cast_qkv(args, dtype):
+    q, k, v = args[:3]
+    return (q.to(dtype), k.to(dtype), v.to(dtype), *args[3:])
+
+
+def _cast_for_cuda(args):
+    return _cast_qkv(args, torch.get_autocast_dtype("cuda")) if args[0].is_floating_point() else args
+
+
+def _cast_for_cpu(args):
+    q, k, v = args[:3]
+    if not (q.is_floating_point() and k.is_floating_point() and v.is_floating_point()):
+        return args
+    return _cast_qkv(args, torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
+
+
+for _device, _cast in (("cpu", _cast_for_cpu), ("cuda", _cast_for_cuda)):
+    _register_autocast("attention_forward", _device, _cast)
+    _register_autocast("attention_backward", _device, lambda args: args)
 
 
 # ---------------------------------------------------------------------------------------------------------

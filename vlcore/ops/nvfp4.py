@@ -1,15 +1,15 @@
 """NVFP4 ops: quantize (with optional 16-point random Hadamard transform and stochastic rounding),
 dequantize, the NVFP4 GEMM, and the Hadamard transform alone.
 
-The arithmetic is the contract of ``shared/specs/nvfp4.md`` §1.4 (TransformerEngine's default path,
-bit for bit): for a tensor ``x`` with ``amax = max|x|``,
+The arithmetic is docs/nvfp4.md, 'Scale computation' (TransformerEngine's default path, bit for
+bit): for a tensor ``x`` with ``amax = max|x|``,
 
 - ``S_enc = fminf(2688 / amax, FLT_MAX)`` (1 when ``amax`` is 0 or Inf), ``S_dec = 1 / S_enc``;
 - per block of 16 (1x16 along the quantized axis, or a 16x16 tile for weights): the E4M3 scale
   ``sb = e4m3_rne_satfinite(amax_b * (S_enc * fl32(1/6)))``, then ``enc_b = fminf(1 / (sb * S_dec), FLT_MAX)``;
 - per element: ``q = e2m1(x * enc_b)``, round-to-nearest-even with saturation to ±6, or stochastic.
 
-Layouts (spec §2): codes are uint8 ``[R, C/2]`` with the even element in the low nibble; scales are the E4M3
+Layouts (docs/nvfp4.md, 'Packing', 'Swizzled scale layout'): codes are uint8 ``[R, C/2]`` with the even element in the low nibble; scales are the E4M3
 bytes as uint8 ``[R, C/16]`` (view them with :func:`NVFP4Tensor.scales_e4m3`), or the swizzled 128x4 layout
 padded to ``[roundup(R, 128), roundup(C/16, 4)]``; amax is a 0-d float32 tensor. The columnwise copy is
 stored transposed: it quantizes ``x^T`` (``[C, R]``, blocks of 16 along ``R``). The two scale layouts can
@@ -17,19 +17,25 @@ have the same shape (``R % 128 == 0`` and ``C % 64 == 0``), so :class:`NVFP4Tens
 holds (``swizzled``) and :func:`nvfp4_dequantize` / :func:`nvfp4_gemm` read them accordingly; the raw
 ``torch.ops.vlcore`` ops take row-major scales only.
 
-Documented edge cases (spec §1.5): an all-zero tensor gives zero scales and codes; a block whose scale
-underflows E4M3 gets scale 0 (its elements saturate to ±6 but decode to 0); NaN elements are dropped from
-the amax and encode as +6; an Inf makes the amax Inf, so S_enc = 1 and the tensor decodes to Inf/NaN.
-Negative values that round to zero keep their sign (code 0x8).
+Documented edge cases: an all-zero tensor gives zero scales and codes; a block whose scale underflows
+E4M3 gets scale 0 (its elements saturate to ±6 but decode to 0); NaN elements are dropped from the amax
+and encode as +6; an Inf makes the amax Inf, so S_enc = 1 and the tensor decodes to Inf/NaN. Negative
+values that round to zero keep their sign (code 0x8). A *given* amax that is NaN or negative is not an
+amax: the op sets S_enc to NaN, so every scale of that copy is the E4M3 NaN byte 0x7F and the copy
+dequantizes (and multiplies) to NaN instead of to silently wrong values; :func:`nvfp4_quantize` raises a
+ValueError for it (and for a zero amax of a nonzero ``x``) where checking is free (CPU) or asked for.
 
-Stochastic rounding draws 8 bits per element from Philox4x32-10 keyed by ``seed`` with counter
-(element index / 4, orientation, ``offset``): reproducible, independent per element, identical on CPU and
-CUDA. RHT: ``chunk · diag(s) H16 / 4`` along the quantized axis with TE's fixed signs (mask 0xD7E8), FP32
+Stochastic-rounding stream (docs/nvfp4.md, 'Stochastic rounding stream'): one Philox4x32-10 draw per
+16-element block, keyed by ``seed``, counter (block index, orientation, ``offset``) where the block index
+is the flat element index / 16 in that copy's row-major output; element ``i`` of the block takes byte
+``i % 4`` of word ``i // 4`` (8 random bits per element, the resolution of the hardware ``cvt.rs``
+conversion). Reproducible, independent per element, identical on CPU and CUDA. RHT: ``chunk · diag(s) H16 / 4`` along the quantized axis with TE's fixed signs (mask 0xD7E8), FP32
 sums in butterfly order, rounded to BF16; the amax is taken after the transform.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -90,7 +96,8 @@ class NVFP4Quantized(NamedTuple):
 def nvfp4_quantize(x: torch.Tensor, *, rowwise: bool = True, columnwise: bool = False, block_2d: bool = False,
                    rht_rowwise: bool = False, rht_columnwise: bool = False, stochastic: bool = False,
                    seed: int = 0, offset: int = 0, amax_rowwise: Optional[torch.Tensor] = None,
-                   amax_columnwise: Optional[torch.Tensor] = None, swizzle_scales: bool = False) -> NVFP4Quantized:
+                   amax_columnwise: Optional[torch.Tensor] = None, swizzle_scales: bool = False,
+                   validate: Optional[bool] = None) -> NVFP4Quantized:
     """Quantize ``x [R, C]`` (bf16 or fp32) to NVFP4, one or both orientations in one call.
 
     - ``rowwise``: blocks of 16 along ``C`` (needs ``C % 16 == 0``); ``columnwise``: ``x^T`` with blocks of 16
@@ -103,16 +110,42 @@ def nvfp4_quantize(x: torch.Tensor, *, rowwise: bool = True, columnwise: bool = 
     - ``amax_rowwise`` / ``amax_columnwise``: a caller-supplied global amax (float32, one value), e.g. after an
       all-reduce across ranks; returned as that copy's amax.
     - ``swizzle_scales``: scales in the swizzled 128x4 layout instead of row-major.
+    - ``validate``: check the values of a given amax (ValueError when it is NaN, negative, or zero while
+      ``x`` is not all zero). Checking reads the value on the host, a synchronisation on CUDA, so the
+      default (None) checks only CPU tensors (and nothing inside torch.compile); without the check a NaN
+      or negative amax gives NaN scales.
     """
+    if not torch.compiler.is_compiling():  # a traced graph has no values to check
+        for name, amax in (("amax_rowwise", amax_rowwise), ("amax_columnwise", amax_columnwise)):
+            if amax is not None and (validate or (validate is None and amax.device.type == "cpu")):
+                _check_amax_value(name, amax, x)
     out = torch.ops.vlcore.nvfp4_quantize(x, rowwise, columnwise, block_2d, rht_rowwise, rht_columnwise, stochastic,
                                           seed, offset, amax_rowwise, amax_columnwise, swizzle_scales)
     return NVFP4Quantized(NVFP4Tensor(*out[:3], swizzled=swizzle_scales) if rowwise else None,
                           NVFP4Tensor(*out[3:], swizzled=swizzle_scales) if columnwise else None)
 
 
+def _check_amax_value(name: str, amax: torch.Tensor, x: torch.Tensor) -> None:
+    if amax.numel() != 1 or not amax.dtype.is_floating_point:
+        return  # the op names the shape / dtype problem
+    value = float(amax.reshape(()))
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"nvfp4_quantize: {name} must be a non-negative global amax, got {value}")
+    if value == 0 and x.numel() and bool((x != 0).any()):
+        raise ValueError(f"nvfp4_quantize: {name} is 0 but x has nonzero values: a zero amax is only valid for an "
+                         "all-zero x (pass the max of |x| over every rank)")
+
+
+def _check_quantized(op: str, name: str, t) -> None:
+    if not isinstance(t, NVFP4Tensor):
+        raise ValueError(f"{op}: {name} must be an NVFP4Tensor (codes, scales, amax[, swizzled]) as returned by "
+                         f"nvfp4_quantize, got {type(t).__name__}")
+
+
 def nvfp4_dequantize(t: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``e2m1(q) · sb · amax/2688`` as ``dtype`` (float32 or bfloat16). Swizzled scales (``t.swizzled``) are
     first brought back to the row-major layout that the op reads."""
+    _check_quantized("nvfp4_dequantize", "t", t)
     return torch.ops.vlcore.nvfp4_dequantize(t.codes, t.plain_scales(), t.amax, dtype)
 
 
@@ -122,7 +155,13 @@ def nvfp4_gemm(a: NVFP4Tensor, b: NVFP4Tensor, out_dtype: torch.dtype = torch.bf
 
     With ``K == 0`` the result is zeros on every backend (an empty sum; alpha is not applied, so a non-finite
     amax does not turn it into NaN). Swizzled scales are first brought back to the row-major layout (a copy
-    of the scales, 1/8 of the codes' bytes): quantize with ``swizzle_scales=False`` to avoid it."""
+    of the scales, 1/8 of the codes' bytes): quantize with ``swizzle_scales=False`` to avoid it.
+
+    CUDA: both operands are decoded exactly to BF16 (``e2m1 · sb`` has at most 6 significant bits) and
+    multiplied by one cuBLAS BF16 GEMM with FP32 accumulation and ``alpha`` as its scale; CPU: the same
+    decode and an FP32 matmul."""
+    _check_quantized("nvfp4_gemm", "a", a)
+    _check_quantized("nvfp4_gemm", "b", b)
     return torch.ops.vlcore.nvfp4_gemm(a.codes, a.plain_scales(), a.amax, b.codes, b.plain_scales(), b.amax, out_dtype)
 
 
@@ -222,7 +261,7 @@ torch.library.register_autograd("vlcore::hadamard_transform", _hadamard_backward
 
 
 # ---------------------------------------------------------------------------------------------------------
-# References: a plain-PyTorch transcription of spec §1.4 (written independently of the C++: torch's own
+# References: a plain-PyTorch transcription of docs/nvfp4.md (written independently of the C++: torch's own
 # float8 cast, comparisons for E2M1, tensor arithmetic in float32), used as the tests' oracle.
 
 _F32 = torch.float32
@@ -284,12 +323,14 @@ def philox4x32_10_ref(ctr: list[torch.Tensor], key: tuple[int, int]) -> list[tor
 
 
 def _sr_random_bytes(n: int, seed: int, offset: int, orientation: int, device) -> torch.Tensor:
-    """Top 8 bits of Philox word (i % 4) of counter (i // 4, orientation, offset) for elements i < n."""
-    groups = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
-    ctr = [groups & 0xFFFFFFFF, (groups >> 32) ^ (0x80000000 if orientation else 0),
-           torch.full_like(groups, offset & 0xFFFFFFFF), torch.full_like(groups, (offset >> 32) & 0xFFFFFFFF)]
-    words = philox4x32_10_ref(ctr, (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF))
-    return (torch.stack(words, dim=1).reshape(-1)[:n] >> 24)
+    """One Philox draw per 16-element block: element i takes byte (i % 4) of word (i % 16) // 4 of the draw
+    for counter (i // 16, orientation, offset), key seed; n is a multiple of 16."""
+    blocks = torch.arange(n // 16, dtype=torch.int64, device=device)
+    ctr = [blocks & 0xFFFFFFFF, (blocks >> 32) ^ (0x80000000 if orientation else 0),
+           torch.full_like(blocks, offset & 0xFFFFFFFF), torch.full_like(blocks, (offset >> 32) & 0xFFFFFFFF)]
+    words = torch.stack(philox4x32_10_ref(ctr, (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)), dim=1)  # [B, 4]
+    shifts = torch.arange(0, 32, 8, device=device)
+    return ((words[:, :, None] >> shifts) & 0xFF).reshape(-1)  # [B, 4 words, 4 bytes] -> element order
 
 
 def _e2m1_code(s: torch.Tensor, rbytes: Optional[torch.Tensor]) -> torch.Tensor:
@@ -346,6 +387,7 @@ def _quantize_matrix_ref(v: torch.Tensor, *, block_2d: bool, rht: bool, stochast
     amax = amax.reshape(()).to(_F32)
     s_enc = torch.fmin(_f32(2688.0, dev) / amax, _f32(_FLT_MAX, dev))
     s_enc = torch.where((amax == 0) | (s_enc == 0), _f32(1.0, dev), s_enc)
+    s_enc = torch.where(amax.isnan() | (amax < 0), _f32(math.nan, dev), s_enc)  # not an amax: NaN scales
     s_dec = (1.0 / s_enc.double()).to(_F32)
     blocks = v.reshape(rows, cols // 16, 16)
     block_amax = torch.where(blocks.isnan(), 0.0, blocks.abs()).amax(dim=2) if v.numel() else v.new_zeros(rows, cols // 16)
@@ -368,7 +410,7 @@ def nvfp4_quantize_ref(x: torch.Tensor, *, rowwise: bool = True, columnwise: boo
                        rht_rowwise: bool = False, rht_columnwise: bool = False, stochastic: bool = False,
                        seed: int = 0, offset: int = 0, amax_rowwise: Optional[torch.Tensor] = None,
                        amax_columnwise: Optional[torch.Tensor] = None, swizzle_scales: bool = False) -> NVFP4Quantized:
-    """Plain-PyTorch transcription of spec §1.4 with the same arguments as :func:`nvfp4_quantize`."""
+    """Plain-PyTorch transcription of docs/nvfp4.md with the same arguments as :func:`nvfp4_quantize`."""
     common = dict(block_2d=block_2d, stochastic=stochastic, seed=seed, offset=offset, swizzle=swizzle_scales)
     row = _quantize_matrix_ref(x, rht=rht_rowwise, orientation=0, amax=amax_rowwise, **common) if rowwise else None
     col = _quantize_matrix_ref(x.t(), rht=rht_columnwise, orientation=1, amax=amax_columnwise, **common) if columnwise else None
@@ -377,7 +419,7 @@ def nvfp4_quantize_ref(x: torch.Tensor, *, rowwise: bool = True, columnwise: boo
 
 def _decode_ref(t: NVFP4Tensor, dtype) -> torch.Tensor:
     lut = torch.tensor(E2M1_VALUES, dtype=dtype, device=t.codes.device)
-    codes = torch.stack((t.codes & 0xF, t.codes >> 4), dim=2).reshape(t.codes.shape[0], -1).long()
+    codes = torch.stack((t.codes & 0xF, t.codes >> 4), dim=2).reshape(t.codes.shape[0], 2 * t.codes.shape[1]).long()
     sb = t.plain_scales().view(torch.float8_e4m3fn).to(dtype).repeat_interleave(16, dim=1)
     return lut[codes] * sb
 

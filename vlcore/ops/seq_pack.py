@@ -10,9 +10,15 @@ Layouts follow flash-attn's varlen convention:
 whole rows of bytes. Sizes that only the data knows (``T``, ``L``) are passed as Python ints, computed
 once when the batch is built (see :mod:`vlcore.packing`), never read back from the GPU.
 
+An empty batch (``B = 0``, ``cu_seqlens = [0]``) gives empty results.
+
 Value checks: the CPU kernels check every value of ``cu_seqlens`` / ``image_positions``. The CUDA kernels
-never read or write out of bounds, but checking values there would need a host sync, so pass
-``validate=True`` to check on the host (a sync on GPU; use it when debugging a data pipeline).
+check what the shapes alone tell (``T <= B * L``), never read or write out of bounds, and write every
+output element whatever the values: a row that bad values leave without a source (a sample longer than
+``padded_len``, ``total_tokens`` above ``cu_seqlens[-1]``, a duplicate or out-of-range image position)
+comes out as zeros (the pad value in ``unpack``), and of duplicate image positions the last one wins.
+Checking the values themselves there would need a host sync, so pass ``validate=True`` to check on the host
+(a sync on GPU; use it when debugging a data pipeline): it raises the CPU kernels' ValueError for each such case.
 """
 
 import torch
@@ -29,7 +35,7 @@ def pack(padded: torch.Tensor, cu_seqlens: torch.Tensor, total_tokens: int, *, v
     """
     if validate:
         check_cu_seqlens(cu_seqlens, total_tokens, padded.shape[1] if padded.dim() >= 2 else None,
-                         op="vlcore.ops.pack", max_len_name="padded_len (padded.shape[1])")
+                         op="vlcore.ops.pack", max_len_name="padded_len (padded.shape[1])", min_batch=0)
     return torch.ops.vlcore.seq_pack(padded, cu_seqlens, total_tokens)
 
 
@@ -42,7 +48,7 @@ def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, padded_len: int, pad_
     """
     if validate:
         check_cu_seqlens(cu_seqlens, packed.shape[0] if packed.dim() >= 1 else None, padded_len,
-                         op="vlcore.ops.unpack", max_len_name="padded_len")
+                         op="vlcore.ops.unpack", max_len_name="padded_len", min_batch=0)
     return torch.ops.vlcore.seq_unpack(packed, cu_seqlens, padded_len, pad_value)
 
 
@@ -67,7 +73,7 @@ def scatter_image_embeds(text_embeds: torch.Tensor, image_embeds: torch.Tensor, 
 def _check_cu_seqlens_meta(op: str, cu_seqlens: torch.Tensor, data: torch.Tensor) -> int:
     torch._check(cu_seqlens.dtype == torch.int32, lambda: f"vlcore::{op}: cu_seqlens must be int32, got {cu_seqlens.dtype}")
     torch._check(cu_seqlens.dim() == 1, lambda: f"vlcore::{op}: cu_seqlens must be 1-D")
-    torch._check(cu_seqlens.shape[0] >= 2, lambda: f"vlcore::{op}: empty batch: cu_seqlens needs >= 2 entries")
+    torch._check(cu_seqlens.shape[0] >= 1, lambda: f"vlcore::{op}: cu_seqlens needs batch + 1 >= 1 entries")
     torch._check(cu_seqlens.device == data.device, lambda: f"vlcore::{op}: cu_seqlens must be on {data.device}")
     return cu_seqlens.shape[0] - 1
 
@@ -78,6 +84,8 @@ def _(padded, cu_seqlens, total_tokens):
     batch = _check_cu_seqlens_meta("seq_pack", cu_seqlens, padded)
     torch._check(batch == padded.shape[0], lambda: "vlcore::seq_pack: cu_seqlens must have batch + 1 entries")
     torch._check(total_tokens >= 0, lambda: "vlcore::seq_pack: total_tokens must be >= 0")
+    torch._check(total_tokens <= batch * padded.shape[1],
+                 lambda: "vlcore::seq_pack: total_tokens cannot fit batch samples of at most padded_len tokens")
     return padded.new_empty((total_tokens, *padded.shape[2:]))
 
 
@@ -86,6 +94,8 @@ def _(packed, cu_seqlens, padded_len, pad_value):
     torch._check(packed.dim() >= 1, lambda: "vlcore::seq_unpack: packed must have shape (total_tokens, ...)")
     batch = _check_cu_seqlens_meta("seq_unpack", cu_seqlens, packed)
     torch._check(padded_len >= 0, lambda: "vlcore::seq_unpack: padded_len must be >= 0")
+    torch._check(packed.shape[0] <= batch * padded_len,
+                 lambda: "vlcore::seq_unpack: packed has more tokens than batch samples of padded_len hold")
     return packed.new_empty((batch, padded_len, *packed.shape[1:]))
 
 

@@ -10,15 +10,35 @@ the output tokens that read it), so they are deterministic.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["token_pool_2d", "token_pool_2d_varlen", "patch_merge_2x2", "patch_merge_2x2_varlen",
-           "token_pool_2d_ref", "patch_merge_2x2_ref"]
+           "token_pool_2d_ref", "token_pool_2d_varlen_ref", "patch_merge_2x2_ref", "patch_merge_2x2_varlen_ref"]
 
 POOL_MODES = ("avg", "bilinear")
+
+
+def _as_hw(hw, where, name):
+    """``(h, w)`` as two Python ints >= 1 from any pair of integers (numpy and 0-d tensor ints included)."""
+    try:
+        out = tuple(operator.index(v) for v in hw)
+    except TypeError:
+        raise ValueError(f"{where}: {name} must be a pair of integers (h, w), got {hw!r}") from None
+    if len(out) != 2 or min(out) < 1:
+        raise ValueError(f"{where}: {name} must be (h, w) with h, w >= 1, got {hw!r}")
+    return out
+
+
+def _is_hw(v) -> bool:
+    """Whether ``v`` is one ``(h, w)`` pair rather than a list of pairs."""
+    try:
+        return len(v) == 2 and all(operator.index(e) is not None for e in v)
+    except TypeError:
+        return False
 
 
 def _pool_out_hw(hw, output_hw, stride, where):
@@ -28,17 +48,11 @@ def _pool_out_hw(hw, output_hw, stride, where):
         if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
             raise ValueError(f"{where}: stride must be an int >= 1, got {stride!r}")
         return (math.ceil(hw[0] / stride), math.ceil(hw[1] / stride))
-    out = tuple(int(v) for v in output_hw)
-    if len(out) != 2 or min(out) < 1:
-        raise ValueError(f"{where}: output_hw must be (h, w) with h, w >= 1, got {output_hw!r}")
-    return out
+    return _as_hw(output_hw, where, "output_hw")
 
 
 def _check_grid(hw, where, name="grid_hw"):
-    hw = tuple(int(v) for v in hw)
-    if len(hw) != 2 or min(hw) < 1:
-        raise ValueError(f"{where}: {name} must be (h, w) with h, w >= 1, got {hw!r}")
-    return hw
+    return _as_hw(hw, where, name)
 
 
 def token_pool_2d(x: torch.Tensor, grid_hw: tuple[int, int], *, output_hw: Optional[tuple[int, int]] = None,
@@ -58,8 +72,9 @@ def token_pool_2d(x: torch.Tensor, grid_hw: tuple[int, int], *, output_hw: Optio
     if x.dim() != 3 or x.shape[1] != hw[0] * hw[1] + extra:
         raise ValueError(f"{where}: x must have shape (B, {'1 + ' if extra else ''}H*W, C) = (B, {hw[0] * hw[1] + extra}, C) "
                          f"for the {hw[0]}x{hw[1]} grid, got {tuple(x.shape)}")
-    batch, _, c = x.shape
-    out = torch.ops.vlcore.token_pool_2d(x.reshape(-1, c), list(hw) * batch, list(out_hw) * batch, mode, class_token)
+    batch, n, c = x.shape
+    out = torch.ops.vlcore.token_pool_2d(x.reshape(batch * n, c), list(hw) * batch, list(out_hw) * batch, mode,
+                                         class_token)
     return out.view(batch, out_hw[0] * out_hw[1] + extra, c)
 
 
@@ -72,7 +87,7 @@ def token_pool_2d_varlen(x: torch.Tensor, grids: Sequence[tuple[int, int]], *, o
     if mode not in POOL_MODES:
         raise ValueError(f"{where}: mode must be one of {POOL_MODES}, got {mode!r}")
     grids = [_check_grid(g, where, "grids[i]") for g in grids]
-    if output_hw is not None and len(output_hw) == 2 and all(isinstance(v, int) for v in output_hw):
+    if output_hw is not None and _is_hw(output_hw):
         output_hw = [output_hw] * len(grids)
     if output_hw is not None and len(output_hw) != len(grids):
         raise ValueError(f"{where}: output_hw must be one (h, w) or one per image ({len(grids)}), got {len(output_hw)}")
@@ -97,7 +112,7 @@ def patch_merge_2x2(x: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
         raise ValueError(f"{where}: x must have shape (B, H*W, C) = (B, {hw[0] * hw[1]}, C) for the {hw[0]}x{hw[1]} "
                          f"grid, got {tuple(x.shape)}")
     batch, n, c = x.shape
-    out = torch.ops.vlcore.patch_merge_2x2(x.reshape(-1, c), list(hw) * batch)
+    out = torch.ops.vlcore.patch_merge_2x2(x.reshape(batch * n, c), list(hw) * batch)
     return out.view(batch, n // 4, 4 * c)
 
 
@@ -197,10 +212,20 @@ torch.library.register_autograd("vlcore::patch_merge_2x2_backward", _merger_back
 # References: PyTorch's own resampling on the grid, for tests and impl="torch".
 
 
-def token_pool_2d_ref(x: torch.Tensor, grid_hw, output_hw, mode: str = "avg", class_token: bool = False) -> torch.Tensor:
-    """``F.adaptive_avg_pool2d`` / ``F.interpolate(bilinear, align_corners=False)`` on the token grid."""
+def token_pool_2d_ref(x: torch.Tensor, grid_hw, output_hw=None, mode: str = "avg", class_token: bool = False, *,
+                      stride: Optional[int] = None) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d`` / ``F.interpolate(bilinear, align_corners=False)`` on the token grid, to
+    ``output_hw`` or ``ceil(H / stride) x ceil(W / stride)``."""
+    where = "vlcore.ops.token_grid.token_pool_2d_ref"
+    if mode not in POOL_MODES:
+        raise ValueError(f"{where}: mode must be one of {POOL_MODES}, got {mode!r}")
+    grid_hw = _check_grid(grid_hw, where)
+    output_hw = _pool_out_hw(grid_hw, output_hw, stride, where)
     head, x = (x[:, :1], x[:, 1:]) if class_token else (None, x)
     batch, _, c = x.shape
+    if batch == 0 or c == 0:  # nothing to resample (PyTorch's pooling rejects empty inputs)
+        out = x.new_zeros((batch, output_hw[0] * output_hw[1], c))
+        return out if head is None else torch.cat([head, out], 1)
     grid = x.transpose(1, 2).reshape(batch, c, *grid_hw)
     if mode == "avg":
         pooled = F.adaptive_avg_pool2d(grid, output_hw)
@@ -210,8 +235,34 @@ def token_pool_2d_ref(x: torch.Tensor, grid_hw, output_hw, mode: str = "avg", cl
     return out if head is None else torch.cat([head, out], 1)
 
 
+def token_pool_2d_varlen_ref(x: torch.Tensor, grids, *, output_hw=None, stride: Optional[int] = None,
+                             mode: str = "avg", class_token: bool = False) -> tuple[torch.Tensor, list]:
+    """:func:`token_pool_2d_ref` image by image over packed grids; returns the packed tokens and their grids."""
+    where = "vlcore.ops.token_grid.token_pool_2d_varlen_ref"
+    grids = [_check_grid(g, where, "grids[i]") for g in grids]
+    if output_hw is None or _is_hw(output_hw):
+        output_hw = [output_hw] * len(grids)
+    outs = [_pool_out_hw(g, o, stride, where) for g, o in zip(grids, output_hw)]
+    pieces, start = [], 0
+    for g, o in zip(grids, outs):
+        n = g[0] * g[1] + int(class_token)
+        pieces.append(token_pool_2d_ref(x[start:start + n].unsqueeze(0), g, o, mode, class_token)[0])
+        start += n
+    return (torch.cat(pieces) if pieces else x.new_empty((0, x.shape[-1]))), outs
+
+
 def patch_merge_2x2_ref(x: torch.Tensor, grid_hw) -> torch.Tensor:
+    """Qwen2-VL's merger as a reshape: ``[B, H*W, C] -> [B, (H/2)*(W/2), 4C]``."""
     h, w = grid_hw
     batch, _, c = x.shape
     cells = x.reshape(batch, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 2, 4, 5)
     return cells.reshape(batch, (h // 2) * (w // 2), 4 * c)
+
+
+def patch_merge_2x2_varlen_ref(x: torch.Tensor, grids) -> torch.Tensor:
+    """:func:`patch_merge_2x2_ref` image by image over packed grids."""
+    pieces, start = [], 0
+    for h, w in grids:
+        pieces.append(patch_merge_2x2_ref(x[start:start + h * w].unsqueeze(0), (h, w))[0])
+        start += h * w
+    return torch.cat(pieces) if pieces else x.new_empty((0, 4 * x.shape[-1]))

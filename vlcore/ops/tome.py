@@ -41,7 +41,7 @@ import torch
 
 __all__ = [
     "TomeMatch", "tome_match", "tome_match_varlen", "tome_merge", "tome_unmerge", "tome_source", "tome_track",
-    "tome_cap", "tome_match_ref", "tome_merge_ref", "tome_unmerge_ref",
+    "tome_cap", "TomeMatchRef", "tome_match_ref", "tome_merge_ref", "tome_unmerge_ref",
 ]
 
 MERGE_MODES = ("wavg", "mean", "sum", "amax")
@@ -54,7 +54,8 @@ class TomeMatch(NamedTuple):
     (dense: ``[B, Na - r, 1]``, ``[B, r, 1]``, ``[B, r, 1]`` int64 like ToMe; varlen: flat, image after
     image). ``dest [T]`` is the output row of every input row, ``offsets [T' + 1]`` / ``sources [T]`` its
     inverse (output row j gathers ``sources[offsets[j]:offsets[j+1]]``, destination first). Rows are global
-    over the flattened batch. ``r`` holds each image's r after capping."""
+    over the flattened batch. ``r`` holds each image's r after capping. ``dense_nr`` is ``(N, r)`` of a dense
+    match (every image's tokens and capped r, known even for an empty batch), ``()`` for a varlen one."""
 
     unmerged: torch.Tensor
     src: torch.Tensor
@@ -65,6 +66,7 @@ class TomeMatch(NamedTuple):
     r: tuple
     seqlens: tuple
     dense: bool
+    dense_nr: tuple = ()
 
     @property
     def out_seqlens(self) -> tuple:
@@ -73,7 +75,8 @@ class TomeMatch(NamedTuple):
 
     @property
     def is_identity(self) -> bool:
-        return not any(self.r)
+        """Nothing merges: outputs keep their inputs' shapes (a dense empty batch still merges r per image)."""
+        return not any(self.r) and not (self.dense and self.dense_nr[1])
 
     def out_cu_seqlens(self) -> torch.Tensor:
         """``cu_seqlens`` (int32, flash-attn's convention) of the merged batch, on the match's device, built from
@@ -106,7 +109,7 @@ def tome_match(metric: torch.Tensor, r: int, *, class_token: bool = False, disti
     rc = tome_cap(n, r, class_token, distill_token)
     na = (n + 1) // 2
     return TomeMatch(unmerged.view(batch, na - rc, 1), src.view(batch, rc, 1), dst.view(batch, rc, 1), dest, offsets,
-                     sources, (rc,) * batch, (n,) * batch, True)
+                     sources, (rc,) * batch, (n,) * batch, True, (n, rc))
 
 
 def tome_match_varlen(metric: torch.Tensor, seqlens: Sequence[int], r, *, class_token: bool = False,
@@ -135,7 +138,7 @@ def _flat_tokens(t: torch.Tensor, match: TomeMatch, name: str, where: str, *, me
     seqlens = match.out_seqlens if merged else match.seqlens
     rows = sum(seqlens)
     if match.dense:
-        batch, n = len(seqlens), (seqlens[0] if seqlens else 0)
+        batch, n = len(seqlens), match.dense_nr[0] - (match.dense_nr[1] if merged else 0)
         want = f"(B, N{' - r' if merged else ''}{', C' if channels else ', 1'}) = ({batch}, {n}, {'C' if channels else 1})"
         ok = t.dim() == 3 and t.shape[0] == batch and t.shape[1] == n and (channels or t.shape[2] == 1)
     else:
@@ -164,7 +167,7 @@ def tome_merge(x: torch.Tensor, match: TomeMatch, *, size: Optional[torch.Tensor
         return x, (torch.ones_like(x[..., :1]) if size is None else size)
     out, out_size = torch.ops.vlcore.tome_merge(rows, flat_size, match.dest, match.offsets, match.sources, mode)
     if match.dense:
-        batch, n_out = len(match.seqlens), match.out_seqlens[0]
+        batch, n_out = len(match.seqlens), match.dense_nr[0] - match.dense_nr[1]
         return out.view(batch, n_out, x.shape[-1]), out_size.view(batch, n_out, 1)
     return out, out_size.view(-1, 1)
 
@@ -177,7 +180,7 @@ def tome_unmerge(x: torch.Tensor, match: TomeMatch) -> torch.Tensor:
     if match.is_identity:
         return x
     out = torch.ops.vlcore.tome_unmerge(rows, match.dest, match.offsets, match.sources)
-    return out.view(len(match.seqlens), match.seqlens[0], x.shape[-1]) if match.dense else out
+    return out.view(len(match.seqlens), match.dense_nr[0], x.shape[-1]) if match.dense else out
 
 
 def tome_source(match: TomeMatch, source: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -185,26 +188,51 @@ def tome_source(match: TomeMatch, source: Optional[torch.Tensor] = None) -> torc
     original patches, starting from the identity; merged with ``amax`` (a token covers the union)."""
     if not match.dense:
         raise ValueError("vlcore.ops.tome_source: the dense adjacency is for dense matches; use tome_track for varlen")
-    batch, n = len(match.seqlens), match.seqlens[0]
+    batch, n = len(match.seqlens), match.dense_nr[0]
     if source is None:
         source = torch.eye(n, dtype=torch.float32, device=match.dest.device).expand(batch, n, n)
     return tome_merge(source, match, mode="amax")[0]
 
 
-def tome_track(match: TomeMatch, origin: Optional[torch.Tensor] = None) -> torch.Tensor:
+def tome_track(match: TomeMatch, origin: Optional[torch.Tensor] = None, *, validate: bool = False) -> torch.Tensor:
     """Compact source tracking: ``origin`` maps every original token to the current token that covers it
     (dense ``[B, N_orig]`` indices within the image; varlen ``[T_orig]`` global rows; the identity when None,
     i.e. before the first merge). Returns the map after this merge: chain it layer after layer, then unmerge
-    to full resolution with ``x.gather``."""
+    to full resolution with ``x.gather``.
+
+    ``origin`` must index the match's input tokens: ``[0, N)`` (dense) or ``[0, T)`` (varlen). Its values are
+    checked when it is on the CPU, or anywhere with ``validate=True`` (a host sync on a GPU). Unchecked on a
+    GPU, an out-of-range value trips ``gather``'s device-side assertion; it never wraps around."""
+    where = "vlcore.ops.tome_track"
+    dest = match.dest
     if match.dense:
-        batch, n = len(match.seqlens), match.seqlens[0]
-        n_out = match.out_seqlens[0]
-        local = match.dest.view(batch, n) - torch.arange(batch, device=match.dest.device).view(batch, 1) * n_out
+        batch, n = len(match.seqlens), match.dense_nr[0]
+        local = dest.view(batch, n) - torch.arange(batch, device=dest.device).view(batch, 1) * (n - match.dense_nr[1])
         if origin is None:
             return local
-        return local.gather(1, origin)
-    return match.dest if origin is None else match.dest[origin]
+        _check_origin(origin, 2, batch, n, where, validate)
+        return local.gather(1, origin.long())
+    if origin is None:
+        return dest
+    _check_origin(origin, 1, None, dest.shape[0], where, validate)
+    return dest.gather(0, origin.long())
 
+
+def _check_origin(origin, dims, batch, limit, where, validate):
+    if not isinstance(origin, torch.Tensor) or origin.dtype not in (torch.int64, torch.int32) or origin.dim() != dims:
+        layout = "[B, N_orig] (dense match)" if dims == 2 else "[T_orig] (varlen match)"
+        got = f"{origin.dtype} {tuple(origin.shape)}" if isinstance(origin, torch.Tensor) else type(origin).__name__
+        raise ValueError(f"{where}: origin must be an int64 or int32 tensor {layout}, got {got}")
+    if batch is not None and origin.shape[0] != batch:
+        raise ValueError(f"{where}: origin must have the match's batch size {batch}, got {tuple(origin.shape)}")
+    if origin.device != torch.device("cpu") and not validate:
+        return
+    values = origin.detach().cpu()
+    bad = (values < 0) | (values >= limit)
+    if bad.any():
+        at = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{where}: origin{list(at)} = {int(values[at])} is out of range: the match has {limit} "
+                         f"input tokens{' per image' if dims == 2 else ''}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -298,17 +326,27 @@ torch.library.register_autograd("vlcore::tome_unmerge", _unmerge_backward, setup
 
 
 # ---------------------------------------------------------------------------------------------------------
-# References: ToMe's algorithm transcribed in plain PyTorch (scores in float64), for tests and benchmarks.
+# References: ToMe's algorithm transcribed in plain PyTorch. The tests score the kernels against them in
+# float64; vlcore.nn.backend runs them as impl="torch" in the model's dtype.
 
 
-def tome_match_ref(metric: torch.Tensor, r: int, *, class_token: bool = False, distill_token: bool = False):
-    """ToMe's ``bipartite_soft_matching`` on ``[B, N, c]``: ``(unmerged, src, dst)`` ``[B, *, 1]`` int64, or
-    None when nothing merges (r capped at ``(N - protected) // 2``)."""
+class TomeMatchRef(NamedTuple):
+    """The reference matching: ToMe's index maps into the A (even) / B (odd) halves, each ``[B, *, 1]`` int64."""
+
+    unmerged: torch.Tensor  # A tokens kept, [B, N_a - r, 1], ascending when a class token is protected
+    src: torch.Tensor  # A tokens merged away, [B, r, 1]
+    dst: torch.Tensor  # the B token each src merges into, [B, r, 1]
+
+
+def tome_match_ref(metric: torch.Tensor, r: int, *, class_token: bool = False, distill_token: bool = False,
+                   compute_dtype: torch.dtype = torch.float64) -> Optional[TomeMatchRef]:
+    """ToMe's ``bipartite_soft_matching`` on ``[B, N, c]``, scoring in ``compute_dtype``: a
+    :class:`TomeMatchRef`, or None when nothing merges (r capped at ``(N - protected) // 2``)."""
     r = tome_cap(metric.shape[1], r, class_token, distill_token)
     if r <= 0:
         return None
     with torch.no_grad():
-        metric = metric.double()
+        metric = metric.to(compute_dtype)
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[..., ::2, :], metric[..., 1::2, :]
         scores = a @ b.transpose(-1, -2)
@@ -322,7 +360,7 @@ def tome_match_ref(metric: torch.Tensor, r: int, *, class_token: bool = False, d
         dst = node_idx[..., None].gather(dim=-2, index=src)
         if class_token:
             unmerged = unmerged.sort(dim=1).values
-    return unmerged, src, dst
+    return TomeMatchRef(unmerged, src, dst)
 
 
 def tome_merge_ref(x: torch.Tensor, match, *, size: Optional[torch.Tensor] = None, mode: str = "wavg"):

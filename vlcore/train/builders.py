@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from vlcore.evaluation.formats import FORMATS, load_caption_set
 from vlcore.models import build_model as build_model_from_config
 from vlcore.models import get_model_config
 from vlcore.models.losses import ClipLoss, SigLipLoss
@@ -285,7 +286,9 @@ def build_stream_spec(cfg: TrainConfig, model_cfg, rank: int, world_size: int, l
         kind, tar_reader = "map", None
     else:
         source = D.expand_braces(cfg.train_data)
-        missing = [p for p in source if not os.path.isfile(p)]
+        # Streamed shards (pipe: commands, URLs) cannot be checked up front: an unreadable one is retried, then
+        # skipped and counted while training.
+        missing = [p for p in source if not D.is_stream(p) and not os.path.isfile(p)]
         if missing:
             raise ConfigError(f"config field 'train_data': {len(missing)} of {len(source)} shards do not exist, "
                               f"e.g. {missing[0]}")
@@ -316,9 +319,12 @@ def build_eval_set(cfg: TrainConfig, model_cfg):
             return D.load_eval_set(source, transform)
         if kind == "wds":
             reader = D.TarReader(cfg.wds_image_keys.split(";"), cfg.wds_caption_key, cfg.json_caption_field)
-            shards = [existing_file(p, "val_data") for p in D.expand_braces(cfg.val_data)]
+            shards = [p if D.is_stream(p) else existing_file(p, "val_data") for p in D.expand_braces(cfg.val_data)]
             return D.load_eval_set([reader, shards], transform)
-        raise ConfigError("config field 'val_data_type': give 'wds' or 'csv' for val_data")
+        if kind in FORMATS:  # a benchmark's caption file: Karpathy, CLIP_benchmark or COCO JSON
+            return load_caption_set(kind, existing_file(cfg.val_data, "val_data"), transform, cfg.val_image_root,
+                                    cfg.val_split)
+        raise ConfigError(f"config field 'val_data_type': give 'wds', 'csv' or one of {list(FORMATS)} for val_data")
     if cfg.data == "synthetic":
         source = D.SyntheticSource(cfg.seed, synthetic.EVAL, cfg.synthetic_eval_size, model_cfg.vision_cfg.image_size)
         return D.load_eval_set(source, transform)

@@ -22,9 +22,11 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from vlcore.evaluation import report_lines, write_metrics_jsonl
 from vlcore.train.builders import ResumeError, autocast_for, build_eval_set, build_model, build_run
 from vlcore.train.checkpoint import latest_checkpoint, load_checkpoint
 from vlcore.train.data import DataSchemaError
+from vlcore.train.logs import report
 from vlcore.train.loop import NonFiniteLoss, train
 from vlcore.train.metrics import evaluate
 from vlcore.train.params import ConfigError, TrainConfig, apply, help_text, load_config, split_argv
@@ -86,16 +88,22 @@ def train_cli() -> None:
 
 
 def eval_main(argv: Optional[Sequence[str]] = None) -> dict:
-    """``vlcore-eval --checkpoint RUN/checkpoints/step_N [--field value ...]``: the run's config from the
-    checkpoint, overridden by the given fields (e.g. ``--val-data my.csv --val-data-type csv``)."""
+    """``vlcore-eval --checkpoint RUN/checkpoints/step_N [--output FILE.jsonl] [--field value ...]``: the run's
+    config from the checkpoint, overridden by the given fields (e.g. ``--val-data my.csv --val-data-type csv``,
+    or ``--val-data dataset_coco.json --val-data-type karpathy --val-image-root images/``). Prints the report
+    lines and appends the metrics, one JSON line each with the checkpoint's step, to ``--output`` (default:
+    ``eval_metrics.jsonl`` in the checkpoint's directory)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or "--help" in argv or "-h" in argv:
         print(eval_main.__doc__)
         return {}
     pairs = dict(split_argv(argv))
     path = pairs.pop("checkpoint", None)
+    output = pairs.pop("output", None)
     if path is None:
         raise ConfigError("--checkpoint PATH is required (a step_* directory or a run's out_dir)")
+    if "output" in dict(split_argv(argv)) and not output:
+        raise ConfigError("--output needs a value (--output FILE.jsonl)")
     if (Path(path) / "checkpoints").is_dir():  # a run directory: its latest checkpoint
         path = latest_checkpoint(Path(path) / "checkpoints") or path
     try:
@@ -106,16 +114,24 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> dict:
     cfg = TrainConfig()
     apply(cfg, state["config"], "checkpoint config")
     apply(cfg, pairs, "command line")
+    cfg.check()
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     model, model_cfg = build_model(cfg)
     load_checkpoint(Path(path), model)
     model.to(device)
     eval_set = build_eval_set(cfg, model_cfg)
-    metrics = evaluate(model, model_cfg, eval_set, device, autocast_for(cfg, device))
+    if eval_set is None:
+        raise ConfigError("config field 'val_data': this run's data has no held-out split; give --val-data")
+    result = evaluate(model, model_cfg, eval_set, device, autocast_for(cfg, device), cfg)
+    metrics = result.metrics
     metrics["eval_skipped"] = eval_set[2]
-    metrics["checkpoint"] = str(path)
-    print(json.dumps(metrics, indent=1))
+    print(report(metrics, report_lines(result)).replace("vlcore-train report", "vlcore-eval report").strip())
+    output = output or str(Path(path) / "eval_metrics.jsonl")
+    written = write_metrics_jsonl(output, metrics, step=int(state["step"]), checkpoint=str(path),
+                                  val_data=cfg.val_data or cfg.data)
+    print(f"{written} metrics of step {state['step']} appended to {output}")
+    metrics["checkpoint"], metrics["step"], metrics["output"] = str(path), int(state["step"]), output
     return metrics
 
 

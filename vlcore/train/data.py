@@ -14,7 +14,9 @@ How work is split:
 - **WebDataset shards**: rank ``r`` reads shards ``r, r + world_size, ...``, its worker ``w`` every
   ``workers``-th of those. Each worker loops over its shards forever, epoch after epoch, in an order shuffled
   per epoch, and reads each shard's samples in a per-epoch shuffled order (the tar's member index is scanned
-  once, then samples are read by offset). Position = (epoch, shard, sample) per worker.
+  once, then samples are read by offset). Position = (epoch, shard, sample) per worker. Remote shards
+  (``pipe:COMMAND``, URLs) are streamed: their samples come in file order, and a resume re-opens the stream
+  and reads past the samples already consumed (:class:`StreamShard`; docs/data.md, 'Remote shards').
 
 The DataLoader takes batches from its workers round robin; after a resume at global batch ``n`` the worker
 numbering is rotated by ``n % workers`` so that the round robin continues where it stopped.
@@ -33,7 +35,14 @@ import itertools
 import json
 import os
 import re
+import subprocess
+import sys
 import tarfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import nullcontext
+from http.client import HTTPException
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator, Optional, Sequence
@@ -46,6 +55,12 @@ from vlcore.train import synthetic
 
 #: consecutive failures, with no success yet, after which a worker declares a schema error
 SCHEMA_FAILURES = 16
+
+#: attempts to read a remote shard (``pipe:`` or URL) before it is skipped; VLCORE_SHARD_RETRIES overrides
+SHARD_RETRIES = 3
+#: first wait between attempts in seconds, doubled after every failure up to SHARD_RETRY_MAX_S
+SHARD_RETRY_DELAY_S = 0.5
+SHARD_RETRY_MAX_S = 8.0
 
 
 class DataSchemaError(RuntimeError):
@@ -206,7 +221,20 @@ def _has_undecodable(text: str) -> bool:
 @dataclass
 class TarSample:
     key: str
-    members: dict  # extension -> tarfile.TarInfo
+    members: dict  # extension -> tarfile.TarInfo (a local tar, read by offset) or bytes (a streamed shard)
+
+
+def _sample_members(tar: tarfile.TarFile) -> Iterator[tuple]:
+    """``(member, sample key, lower-case extension)`` of the tar's files that belong to a sample: the key is
+    the path up to the first dot of the file name (WebDataset's rule)."""
+    for info in tar:
+        if not info.isfile():
+            continue
+        directory, base = os.path.split(info.name)
+        if "." not in base:
+            continue
+        stem, ext = base.split(".", 1)
+        yield info, os.path.join(directory, stem), ext.lower()
 
 
 def index_tar(path: str) -> tuple[list[TarSample], bool]:
@@ -221,18 +249,11 @@ def index_tar(path: str) -> tuple[list[TarSample], bool]:
     try:
         with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
             current = None
-            for info in tar:
-                if not info.isfile():
-                    continue
-                directory, base = os.path.split(info.name)
-                if "." not in base:
-                    continue
-                stem, ext = base.split(".", 1)
-                key = os.path.join(directory, stem)
+            for info, key, ext in _sample_members(tar):
                 if current is None or current.key != key:
                     current = TarSample(key, {})
                     samples.append(current)
-                current.members[ext.lower()] = info
+                current.members[ext] = info
             # tar.offset is where the end-of-archive header was looked for.
             raw.seek(tar.offset)
             marker = raw.read(2 * tarfile.BLOCKSIZE)
@@ -246,6 +267,158 @@ def index_tar(path: str) -> tuple[list[TarSample], bool]:
     return samples, complete
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Remote shards: ``pipe:COMMAND`` and URLs, read as a stream
+
+
+def is_stream(path: str) -> bool:
+    """Whether a shard is read as a stream (``pipe:COMMAND`` or a URL such as ``https://``, ``s3://``, ``gs://``)
+    rather than indexed as a local file."""
+    return path.startswith("pipe:") or re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path) is not None
+
+
+def shard_retries() -> int:
+    value = os.environ.get("VLCORE_SHARD_RETRIES")
+    if value is None:
+        return SHARD_RETRIES
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"VLCORE_SHARD_RETRIES must be a positive integer, not {value!r}")
+    return int(value)
+
+
+class ShardReadError(OSError):
+    """The transport failed (a connection error, a ``pipe:`` command exiting non-zero): worth another try."""
+
+
+#: errors of the transport, as opposed to damage inside the tar (tarfile.ReadError, EOFError)
+TRANSIENT_ERRORS = (OSError, HTTPException)
+
+
+class _TailReader:
+    """A read-only stream that remembers how many bytes went through it and the last ones, so that the
+    end-of-archive marker can be checked after tarfile's stream mode has consumed it."""
+
+    KEEP = 1 << 16  # tarfile reads records of 10 KiB: the marker is always within the kept tail
+
+    def __init__(self, raw):
+        self.raw, self.pos, self.tail = raw, 0, bytearray()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.pos += len(data)
+        self.tail += data
+        del self.tail[: max(0, len(self.tail) - self.KEEP)]
+        return data
+
+    def ends_with_marker(self, offset: int) -> bool:
+        """Whether the two zero blocks of the end-of-archive marker start at byte ``offset``."""
+        while self.pos - offset < 2 * tarfile.BLOCKSIZE and self.read(2 * tarfile.BLOCKSIZE):
+            pass
+        after = self.pos - offset
+        if after < 2 * tarfile.BLOCKSIZE or after > len(self.tail):
+            return False
+        marker = self.tail[len(self.tail) - after:][: 2 * tarfile.BLOCKSIZE]
+        return not any(marker)
+
+
+def _open_stream(url: str):
+    """``(file object, finish)``: ``finish(read_to_end)`` releases the stream and raises ShardReadError when
+    the transport failed (only a command read to its end is judged by its exit status: one stopped early
+    dies of a broken pipe)."""
+    if url.startswith("pipe:"):
+        proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE)
+
+        def finish(read_to_end: bool):
+            if read_to_end:
+                proc.stdout.read()  # drain, so the command is not stopped by a full pipe
+            proc.stdout.close()
+            if not read_to_end:
+                proc.kill()
+            status = proc.wait()
+            if read_to_end and status != 0:
+                raise ShardReadError(f"{url}: the command exited with status {status}")
+        return proc.stdout, finish
+    if url.startswith(("http://", "https://")):
+        # urllib rather than fsspec here: fsspec's HTTP file system needs aiohttp, which torch does not bring.
+        response = urllib.request.urlopen(url, timeout=60)
+
+        def finish(read_to_end: bool):
+            # http.client ends a body cut short by a dropped connection like a complete one; the bytes still
+            # owed by the Content-Length tell the two apart.
+            while read_to_end and response.read(1 << 16):
+                pass
+            owed = response.length
+            response.close()
+            if read_to_end and owed:
+                raise ShardReadError(f"{url}: the connection closed {owed} bytes before the end")
+        return response, finish
+    import fsspec  # s3://, gs://, ...: whatever fsspec and its installed backends support
+
+    handle = fsspec.open(url, "rb").open()
+    return handle, lambda read_to_end: handle.close()
+
+
+class StreamShard:
+    """The samples of one remote tar, read front to back without a local copy.
+
+    A stream cannot seek: samples come in file order, and resuming at sample ``k`` re-opens the stream and
+    reads past the first ``k``. Transport errors are retried with exponential backoff; a stream that breaks
+    after some samples is re-opened and continues after the last sample handed out. Afterwards ``complete``
+    says whether the tar ended with its end-of-archive marker, ``failed`` holds the error that exhausted the
+    retries (the caller skips the shard and counts it).
+    """
+
+    def __init__(self, url: str, retries: Optional[int] = None):
+        self.url, self.retries = url, retries or shard_retries()
+        self.complete, self.failed = False, None
+
+    def samples(self, skip: int = 0) -> Iterator[TarSample]:
+        handed_out, failures, delay = skip, 0, SHARD_RETRY_DELAY_S
+        while True:
+            before = handed_out
+            try:
+                for sample in self._attempt(skip=handed_out):
+                    handed_out += 1
+                    yield sample
+                return
+            except TRANSIENT_ERRORS as e:
+                failures = 1 if handed_out > before else failures + 1  # progress restarts the count
+                if failures >= self.retries:
+                    self.failed = f"{type(e).__name__}: {e}"
+                    return
+                time.sleep(delay)
+                delay = min(2 * delay, SHARD_RETRY_MAX_S)
+
+    def _attempt(self, skip: int) -> Iterator[TarSample]:
+        """One pass over the stream, yielding the samples after the first ``skip``; sets ``complete``."""
+        raw, finish = _open_stream(self.url)
+        stream, read_to_end, index, current = _TailReader(raw), False, 0, None
+        try:
+            try:
+                with tarfile.open(fileobj=stream, mode="r|") as tar:
+                    for info, key, ext in _sample_members(tar):
+                        if current is not None and current.key != key:
+                            if index >= skip:
+                                yield current
+                            index += 1
+                            current = None
+                        if current is None:
+                            current = TarSample(key, {})
+                        # The stream moves on: read the member now (a sample cut here is lost, as in a local tar).
+                        current.members[ext] = tar.extractfile(info).read()
+                    self.complete = stream.ends_with_marker(tar.offset)
+            except (tarfile.ReadError, EOFError):
+                self.complete = False
+            read_to_end = True
+            finish(True)  # a failed transport (a command's exit status) outranks what the tar looked like
+        finally:
+            if not read_to_end:
+                finish(False)
+        # The last sample is complete only if the tar is: a truncated stream loses it, as a local tar does.
+        if self.complete and current is not None and index >= skip:
+            yield current
+
+
 class TarReader:
     """Decodes one sample of a tar by its member offsets."""
 
@@ -254,6 +427,8 @@ class TarReader:
 
     def load(self, handle, sample: TarSample):
         def read(info) -> bytes:
+            if isinstance(info, bytes):  # a streamed shard: the member was read in passing
+                return info
             handle.seek(info.offset_data)
             data = handle.read(info.size)
             if len(data) != info.size:
@@ -404,16 +579,9 @@ class BatchStream(IterableDataset):
                            if spec.shuffle else np.arange(len(shards)))
             while shard_pos < len(shards):
                 path = shards[int(shard_order[shard_pos])]
-                samples, complete = index_tar(path)
-                if not complete and sample_pos == 0:
-                    state["skipped"] += 1  # the truncated tail of the tar counts as one corrupt sample
-                    if path not in state["truncated"]:
-                        state["truncated"].append(path)  # reported once by the loop (DataPosition.update)
-                sample_order = (np.random.default_rng([spec.seed, 19, epoch, int(shard_order[shard_pos])]).permutation(len(samples))
-                                if spec.shuffle else np.arange(len(samples)))
-                with open(path, "rb") as handle:
-                    while sample_pos < len(samples):
-                        sample = samples[int(sample_order[sample_pos])]
+                samples, handle = self._shard_samples(path, epoch, int(shard_order[shard_pos]), sample_pos, state)
+                with handle:
+                    for sample in samples:
                         sample_pos += 1
                         rng = np.random.default_rng([spec.seed, 23, epoch, int(shard_order[shard_pos]), sample_pos])
                         try:
@@ -439,6 +607,34 @@ class BatchStream(IterableDataset):
                                       f"configuration; the last error: {failures.get('last_error')}")
             # Partial batches are carried over into the next epoch: no sample is dropped, batches stay full.
             epoch, shard_pos = epoch + 1, 0
+
+    def _shard_samples(self, path: str, epoch: int, shard_index: int, sample_pos: int, state: dict):
+        """``(samples after the first sample_pos, handle for TarReader.load)`` of one shard. A damaged shard
+        (truncated, or a remote one unreadable after its retries) counts as one skipped sample and is reported
+        once: a local tar when its index is read at the start, a stream when it ends."""
+        def damaged():
+            state["skipped"] += 1
+            if path not in state["truncated"]:
+                state["truncated"].append(path)  # reported once by the loop (DataPosition.update)
+
+        if is_stream(path):
+            # No random access: file order, and a resume reads past the samples already consumed.
+            shard = StreamShard(path)
+
+            def samples():
+                yield from shard.samples(skip=sample_pos)
+                if shard.failed is not None:
+                    print(f"data: {path} skipped: unreadable after {shard.retries} tries ({shard.failed})",
+                          file=sys.stderr, flush=True)
+                if shard.failed is not None or not shard.complete:
+                    damaged()
+            return samples(), nullcontext(None)
+        samples, complete = index_tar(path)
+        if not complete and sample_pos == 0:
+            damaged()
+        order = (np.random.default_rng([self.spec.seed, 19, epoch, shard_index]).permutation(len(samples))
+                 if self.spec.shuffle else np.arange(len(samples)))
+        return (samples[int(i)] for i in order[sample_pos:]), open(path, "rb")
 
 
 def make_loader(spec: StreamSpec, workers: int, data_state: Optional[dict] = None) -> DataLoader:
@@ -496,6 +692,13 @@ def _eval_loaders(source) -> Iterator[Callable]:
     if isinstance(source, list):  # [TarReader, shard paths]
         reader, paths = source
         for path in paths:
+            if is_stream(path):
+                shard = StreamShard(path)
+                for sample in shard.samples():
+                    yield partial(reader.load, None, sample)
+                if shard.failed is not None or not shard.complete:
+                    yield partial(_raise, CorruptSample(f"{path}: {shard.failed or 'truncated tar'}"))
+                continue
             samples, complete = index_tar(path)
             if not complete:
                 yield partial(_raise, CorruptSample(f"{path}: truncated tar"))

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from tqdm import tqdm
 
@@ -100,9 +100,11 @@ class RunLogger:
         else:
             print(line, flush=True)
 
-    def log(self, record: dict) -> None:
-        """Append one record to metrics.jsonl (and TensorBoard). Opened per record rather than kept open:
-        each record reaches the file system at once, so a killed run loses at most the line being written."""
+    def log(self, record: dict, tensorboard_prefix: str = "") -> None:
+        """Append one record to metrics.jsonl (and TensorBoard, each tag after ``tensorboard_prefix``; a list
+        such as ``mir_per_layer`` becomes one scalar per entry, ``mir_layer_0``, ...). Opened per record rather
+        than kept open: each record reaches the file system at once, so a killed run loses at most the line
+        being written."""
         if not self.enabled:
             return
         self.records.append(record)
@@ -115,7 +117,11 @@ class RunLogger:
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, record["step"])
+                    self.tb.add_scalar(tensorboard_prefix + key, value, record["step"])
+                elif isinstance(value, list):
+                    name = key.removesuffix("_per_layer")
+                    for k, item in enumerate(value):
+                        self.tb.add_scalar(f"{tensorboard_prefix}{name}_layer_{k}", item, record["step"])
 
     def progress(self, steps: int, **postfix) -> None:
         if self.bar is not None:
@@ -129,45 +135,89 @@ class RunLogger:
             self.tb.close()
 
 
+#: a curve: ``(label, steps, values, line style)``
+Curve = tuple
+
+
+def _series(records: list[dict], key: str) -> tuple[list, list]:
+    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def curve_panels(records: list[dict]) -> dict[str, list[Curve]]:
+    """What the end-of-run plot draws: panel title -> curves. Panels without data are left out.
+
+    - loss: the training loss;
+    - MIR: the captioner's modality integration rate, beside the loss it should fall with;
+    - retrieval: ITC recall solid, ITM re-ranked recall (fusion models) dashed, and the chance level;
+    - captions: CIDEr, and shape / (colour, shape) pair accuracy on held-out pairs (solid) and seen (dashed);
+    - zero-shot: top-1 accuracy overall, on held-out pairs' classes and on seen ones.
+    """
+    panels: dict[str, list[Curve]] = {}
+
+    def add(panel: str, label: str, key: str, style: str = "-", source=records) -> None:
+        steps, values = _series(source, key)
+        if steps:
+            panels.setdefault(panel, []).append((label, steps, values, style))
+
+    add("loss", "training loss", "loss")
+    add("MIR (lower: image tokens closer to text)", "MIR", "mir")
+    add("loss", "held-out caption loss", "caption_loss", "--")
+    for direction in ("i2t", "t2i"):
+        for k in (1, 5, 10):
+            add("retrieval recall", f"{direction} R@{k} (ITC)", f"{direction}_R@{k}")
+        add("retrieval recall", f"{direction} R@1 (ITM re-ranked)", f"{direction}_itm_R@1", "--")
+    add("retrieval recall", "chance i2t R@1", "i2t_chance_R@1", ":")
+    add("captions", "CIDEr", "cider")
+    for attribute in ("shape", "pair"):
+        add("captions", f"{attribute} accuracy, held-out pairs", f"attr_{attribute}_held_out")
+        add("captions", f"{attribute} accuracy, seen pairs", f"attr_{attribute}_seen", "--")
+    add("zero-shot top-1", "all classes", "top1_accuracy", ":")
+    add("zero-shot top-1", "held-out pairs' classes", "top1_accuracy_held_out")
+    add("zero-shot top-1", "seen pairs' classes", "top1_accuracy_seen", "--")
+    return panels
+
+
 def plot_curves(records: list[dict], path: Path) -> Optional[Path]:
-    """Training loss (left) and evaluation metrics (right) against the step."""
+    """The panels of :func:`curve_panels` side by side, against the step."""
     # Imported here, not at the top: matplotlib takes a second to import and is needed once, at the end.
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a cluster node: render straight to the PNG
     import matplotlib.pyplot as plt
 
-    # One list of records holds both kinds: training records carry "loss", evaluation records the metrics.
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if any(k.startswith(("i2t_R@", "t2i_R@", "caption_loss")) for k in r)]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
-    left.set(xlabel="step", ylabel="training loss", title="loss")
-    left.grid(alpha=0.3)
-    keys = sorted({k for r in evals for k in r if k.startswith(("i2t_R@", "t2i_R@", "caption_loss"))})
-    for key in keys:
-        points = [(r["step"], r[key]) for r in evals if key in r]
-        right.plot(*zip(*points), marker="o", label=key)
-    # A recall curve means little without the floor random scores would reach on this evaluation set.
-    chance = [r["i2t_chance_R@1"] for r in evals if "i2t_chance_R@1" in r]
-    if chance:
-        right.axhline(chance[-1], color="gray", ls=":", label="chance (i2t R@1)")
-    right.set(xlabel="step", title="held-out evaluation")
-    right.grid(alpha=0.3)
-    if keys:
-        right.legend(fontsize=8)
+    panels = curve_panels(records)
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for axis, (title, curves) in zip(axes[0], panels.items()):
+        for label, steps, values, style in curves:
+            # A lone point (an evaluation at the end only) needs a marker to be seen at all.
+            axis.plot(steps, values, style, marker="o" if len(steps) < 20 else None, lw=1, label=label)
+        axis.set(xlabel="step", title=title)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)  # figures stay alive in pyplot's registry until closed: a long-lived caller would leak
     return path
 
 
-def report(summary: dict) -> str:
+def report(summary: dict, eval_lines: Sequence[str] = ()) -> str:
     """The end-of-run text report: one right-aligned ``key: value`` per line, floats to 4 significant digits,
-    so that two runs' reports can be compared side by side with diff."""
+    so that two runs' reports can be compared side by side with diff; then the final evaluation as a reader
+    wants it (recall lines, caption metrics, attribute accuracy, zero-shot, MIR, sample captions)."""
     lines = ["", "=== vlcore-train report ==="]
     for key, value in summary.items():
         if isinstance(value, float):
             value = f"{value:.4g}"
+        elif isinstance(value, list) and all(isinstance(v, float) for v in value):
+            value = "[" + ", ".join(f"{v:.4g}" for v in value) + "]"
         lines.append(f"{key:>22}: {value}")
+    if eval_lines or "mir" in summary:
+        lines += ["", "=== final evaluation ==="]
+    if "mir" in summary:
+        per_layer = ", ".join(f"{v:.3g}" for v in summary.get("mir_per_layer", []))
+        lines.append(f"MIR {summary['mir']:.4f} (log10 of the summed per-layer Frechet distances: {per_layer})")
+    lines += list(eval_lines)
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from vlcore.evaluation import report_lines
 from vlcore.models.grad_cache import grad_cache_backward
 from vlcore.peft import peft_report
 from vlcore.peft.tuning import CONFIG_ATTR as PEFT_CONFIG_ATTR
@@ -174,8 +175,8 @@ def next_batch(run: Run) -> dict:
     meters.data_wait += time.perf_counter() - fetch_start
     if batch_position is not None:
         for shard in run.state.position.update(batch_position):
-            run.logger.print(f"data: {shard} is truncated (no end-of-archive marker): its last sample and "
-                             f"whatever followed are lost; counted as skipped")
+            run.logger.print(f"data: {shard} is truncated (no end-of-archive marker) or could not be read after "
+                             f"its retries: what it held past the last good sample is lost; counted as skipped")
     if "padding_avoided" in batch:
         meters.padding_avoided += batch.pop("padding_avoided")
         meters.padding_batches += 1
@@ -296,16 +297,25 @@ def evaluate_and_save(run: Run, stopping: bool) -> None:
 
 
 def run_evaluation(run: Run) -> None:
+    """Every metric of the model's kind on the held-out set (:func:`vlcore.train.metrics.evaluate`): one
+    record in metrics.jsonl and TensorBoard (``eval/...``), one log line with the headline figures, and the
+    report lines (sample captions included) kept for report.txt."""
     state = run.state
     if run.eval_set is not None and (run.is_main or run.fsdp):
-        state.last_eval = evaluate(run.model, run.model_cfg, run.eval_set, run.device, run.autocast)
+        result = evaluate(run.model, run.model_cfg, run.eval_set, run.device, run.autocast, run.cfg)
+        state.last_eval = result.metrics
+        state.last_eval_lines = report_lines(result)
         # Unreadable evaluation samples change what the metrics mean: they travel with every result.
         state.last_eval["eval_skipped"] = run.eval_set[2]
     if run.is_main and run.eval_set is not None:
-        run.logger.log({"step": state.step, **state.last_eval})
-        shown = {k: v for k, v in state.last_eval.items() if k.endswith(("R@1", "R@5", "R@10", "_loss"))}
+        run.logger.log({"step": state.step, **state.last_eval}, tensorboard_prefix="eval/")
+        headline = ("R@1", "R@5", "R@10", "_loss", "cider", "bleu_4", "top1_accuracy", "mir")
+        shown = {k: v for k, v in state.last_eval.items() if k.endswith(headline) and isinstance(v, float)}
         run.logger.print(f"step {state.step}: eval " + " ".join(f"{k} {v:.4f}" for k, v in shown.items())
                          + f" ({state.last_eval['eval_images']} images, {run.eval_set[2]} unreadable skipped)")
+        for line in state.last_eval_lines:
+            if line.startswith(("sample captions", "  ")):
+                run.logger.print(f"step {state.step}: {line}")
     if run.world_size > 1:  # the other ranks wait here while rank 0 evaluates
         dist.barrier()
 
@@ -387,7 +397,7 @@ def write_report(run: Run, summary: dict) -> None:
         summary["final_loss"] = losses[-1]
     if run.cfg.plot and logger.records:
         summary["plot"] = str(plot_curves(logger.records, run.out_dir / "curves.png"))
-    text = report(summary)
+    text = report(summary, run.state.last_eval_lines)
     (run.out_dir / "report.txt").write_text(text.strip() + "\n")
     (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     logger.close()

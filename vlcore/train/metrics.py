@@ -1,4 +1,6 @@
-"""Evaluation metrics: zero-shot retrieval (CLIP_benchmark's protocol) and the captioning loss.
+"""Evaluation metrics: zero-shot retrieval (CLIP_benchmark's protocol), the captioning loss and MIR, and
+:func:`evaluate`, which adds :func:`vlcore.evaluation.evaluate_model` (ITM re-ranking, captions and their
+metrics, zero-shot classification) as the run's config asks.
 
 Retrieval follows CLIP_benchmark (docs/evaluation.md): normalised image and text embeddings, all captions of
 every image, cosine scores ``[N_txt, N_img]`` without the logit scale, and hit rate at k:
@@ -17,7 +19,10 @@ from typing import Sequence
 
 import torch
 
+from vlcore.evaluation import EvalOptions, EvalResult, evaluate_model
+from vlcore.evaluation.mir import captioner_mir
 from vlcore.models.clip import retrieval_recall
+from vlcore.train.builders import image_transform
 from vlcore.train.tasks import CaptionCollate, get_tokenizer
 
 
@@ -68,16 +73,56 @@ def caption_loss(model, images: torch.Tensor, captions: list[list[str]], model_c
     return {"caption_loss": total / max(count, 1), "eval_images": images.shape[0]}
 
 
-def evaluate(model, model_cfg, eval_set, device: torch.device, autocast=nullcontext) -> dict:
-    """Metrics of ``model`` on ``eval_set = (images, captions, skipped)`` for its kind."""
+def eval_options(cfg, model_cfg) -> EvalOptions:
+    """What an evaluation of this run measures, from the config's evaluation fields."""
+    on_shapes = cfg.data == "synthetic" and not cfg.val_data  # the embedded data, whose captions have attributes
+    zeroshot = {"auto": "shapes" if on_shapes else None, "none": None}.get(cfg.zeroshot, cfg.zeroshot)
+    if model_cfg.kind == "captioner":
+        zeroshot = None  # no text tower to embed class prompts with
+    return EvalOptions(itm_rerank_k=cfg.itm_rerank_k, caption_samples=cfg.caption_samples, num_beams=cfg.num_beams,
+                       shapes=on_shapes, zeroshot=zeroshot)
+
+
+@torch.no_grad()
+def held_out_mir(model, images: torch.Tensor, captions: list[list[str]], model_cfg, device: torch.device,
+                 autocast=nullcontext, samples: int = 64, batch_size: int = 32) -> dict:
+    """The captioner's MIR (docs/evaluation.md, 'Modality Integration Rate') on the first ``samples`` evaluation images with their
+    first caption: a fixed set, so that successive evaluations of a run are comparable."""
+    n = min(samples, images.shape[0])
+    collate = CaptionCollate(model_cfg.text_cfg.tokenizer, model_cfg.text_cfg.context_length,
+                             model_cfg.connector_cfg.num_tokens(model_cfg.vision_cfg),
+                             model_cfg.connector_cfg.image_token_id, train=False)
+
+    def batches():
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            batch = collate(images[start:stop], [c[:1] for c in captions[start:stop]], None)
+            yield batch["packed"].to(device), batch["images"].to(device)
+
+    with autocast():
+        result = captioner_mir(model, batches())
+    return {"mir": result.mir, "mir_per_layer": result.per_layer}
+
+
+def evaluate(model, model_cfg, eval_set, device: torch.device, autocast=nullcontext, cfg=None) -> EvalResult:
+    """Every metric of ``model`` on ``eval_set = (images, captions, skipped)`` for its kind, as measured by
+    :func:`vlcore.evaluation.evaluate_model` with the options of ``cfg`` (a TrainConfig; None: the library's
+    defaults), plus the held-out caption loss and MIR for a captioner."""
     images, captions, _ = eval_set
-    # Evaluation switches dropout and the like off; the caller's mode is restored even if a metric fails.
-    was_training = model.training
-    model.eval()
-    try:
-        if model_cfg.kind == "captioner":
-            return caption_loss(model, images, captions, model_cfg, device, autocast)
-        return retrieval_metrics(model, images, captions, model_cfg.text_cfg.tokenizer,
-                                 model_cfg.text_cfg.context_length, device, autocast)
-    finally:
-        model.train(was_training)
+    options = eval_options(cfg, model_cfg) if cfg is not None else EvalOptions()
+    tokenizer = get_tokenizer(model_cfg.text_cfg.tokenizer)
+    transform = image_transform(model_cfg, False, cfg) if cfg is not None and options.zeroshot else None
+    result = evaluate_model(model, model_cfg.kind, images, captions, tokenizer, model_cfg.text_cfg.context_length,
+                            options=options, transform=transform, device=device, autocast=autocast)
+    if model_cfg.kind == "captioner":
+        # Evaluation switches dropout and the like off; the caller's mode is restored even if a metric fails.
+        was_training = model.training
+        model.eval()
+        try:
+            result.metrics.update(caption_loss(model, images, captions, model_cfg, device, autocast))
+        finally:
+            model.train(was_training)
+        mir_samples = cfg.mir_samples if cfg is not None else 64
+        if mir_samples:
+            result.metrics.update(held_out_mir(model, images, captions, model_cfg, device, autocast, mir_samples))
+    return result

@@ -50,7 +50,7 @@ class TrainConfig:
     data: str = "synthetic"  # "synthetic" (embedded shapes), "wds" (WebDataset tars) or "csv" (CSV/TSV)
     train_data: Optional[str] = None  # wds: "/data/shard-{0000..0099}.tar" (brace patterns, "::" joins lists); csv: a file
     val_data: Optional[str] = None  # same formats; None with data=synthetic evaluates on the held-out split
-    val_data_type: Optional[str] = None  # "wds" or "csv" for val_data; defaults to data
+    val_data_type: Optional[str] = None  # "wds", "csv", "karpathy", "clip_benchmark" or "coco" for val_data; defaults to data
     csv_image_key: str = "filepath"  # CSV column with the image path (relative paths: relative to the CSV)
     csv_caption_key: str = "title"  # CSV column with the caption
     wds_image_keys: str = "jpg;png;webp;jpeg"  # tar member extensions tried for the image, in order
@@ -91,13 +91,22 @@ class TrainConfig:
     ddp_backend: str = "auto"  # "auto": nccl on CUDA, gloo on CPU
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per transformer block and tower) instead of DDP
     synthetic_benchmark: bool = False  # throughput only: random tensors instead of data, no eval or checkpoints
+    # --- what each evaluation measures (docs/evaluation.md) --------------------------------------------------
+    val_image_root: Optional[str] = None  # karpathy / clip_benchmark / coco val_data: image folder (default: the annotation file's)
+    val_split: str = "test"  # karpathy val_data: the split evaluated ("test", "val", ...)
+    itm_rerank_k: int = 16  # fusion models: re-rank each query's ITC top k with the ITM head (0: ITC only)
+    caption_samples: int = 64  # captioners: held-out images captioned (greedy or beam) and scored with CIDEr / BLEU-4
+    num_beams: int = 1  # captioners: beam width of the evaluation captions (1: greedy)
+    zeroshot: str = "auto"  # zero-shot classification (clip/fusion): "shapes", a folder-per-class path, "none"; auto: shapes on synthetic data
+    mir_samples: int = 64  # captioners: held-out images whose hidden states give the MIR (0: no MIR)
 
     def check(self) -> None:
         """Every field's range and the cross-field rules that need no distributed context. Each error names
         the field: a bad value must fail here, before any work, not as NaN losses or a traceback later."""
         choices = {"impl": ("vlcore", "torch"), "loss": ("clip", "siglip"), "data": ("synthetic", "wds", "csv"),
                    "precision": ("auto", "bf16", "fp32"), "pool": (None, "tok", "avg"),
-                   "val_data_type": (None, "wds", "csv"), "peft": ("none",) + PEFT_METHODS}
+                   "val_data_type": (None, "wds", "csv", "karpathy", "clip_benchmark", "coco"),
+                   "peft": ("none",) + PEFT_METHODS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config field '{name}': must be one of {list(allowed)}, got {getattr(self, name)!r}")
@@ -106,9 +115,17 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config field '{name}': must be positive, got {getattr(self, name)}")
-        for name in ("workers", "cpu_threads", "warmup_steps", "eval_every", "checkpoint_every"):
+        for name in ("workers", "cpu_threads", "warmup_steps", "eval_every", "checkpoint_every", "itm_rerank_k",
+                     "caption_samples", "mir_samples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config field '{name}': must be >= 0, got {getattr(self, name)}")
+        if self.num_beams < 1:
+            raise ConfigError(f"config field 'num_beams': must be >= 1, got {self.num_beams}")
+        if not self.zeroshot:
+            raise ConfigError("config field 'zeroshot': give 'auto', 'shapes', 'none' or a folder-per-class path")
+        if self.val_data_type in ("karpathy", "clip_benchmark", "coco") and not self.val_data:
+            raise ConfigError(f"config field 'val_data_type': {self.val_data_type!r} needs an annotation file "
+                              f"as --val-data")
         # Floats: NaN compares false with everything, so each range is written as what is allowed.
         _check_float("lr", self.lr, "a finite number > 0", lambda v: v > 0)
         _check_float("weight_decay", self.weight_decay, "a finite number >= 0", lambda v: v >= 0)

@@ -45,6 +45,7 @@ class TrainState:
     position: Any
     meters: Meters = field(default_factory=Meters)
     last_eval: dict = field(default_factory=dict)
+    last_eval_lines: list = field(default_factory=list)  # the last evaluation's report lines (samples included)
     checkpoint_path: Optional[Path] = None
     interrupted: bool = False
     # The first step whose loss was not finite, kept on the device (a tensor) so that the check costs no
