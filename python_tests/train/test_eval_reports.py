@@ -111,3 +111,23 @@ def test_tensorboard_tags_of_an_evaluation(tmp_path):
     logger.log({"step": 5, "mir": 1.5, "mir_per_layer": [10.0, 21.6], "cider": 0.25}, tensorboard_prefix="eval/")
     assert added == [("eval/mir", 1.5, 5), ("eval/mir_layer_0", 10.0, 5), ("eval/mir_layer_1", 21.6, 5),
                      ("eval/cider", 0.25, 5)]
+
+
+def test_fusion_run_logs_its_itc_itm_mlm_terms_summing_to_the_loss(tmp_path, capsys):
+    cli.main(TINY + ["--model", "fiber-tiny", "--steps", "2", "--grad-accum", "2", "--out-dir", str(tmp_path)])
+    records, _ = _eval_records(tmp_path)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:  # the logged terms are the ones the loss sums (mean over the two micro-batches each)
+        assert r["loss_itm"] > 0 and r["loss_mlm"] > 0
+        assert abs(r["loss_itc"] + r["loss_itm"] + r["loss_mlm"] - r["loss"]) < 1e-4 * r["loss"]
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step      2/2 | loss")]
+    assert len(printed) == 1 and f"(itc {steps[-1]['loss_itc']:.3f}, itm {steps[-1]['loss_itm']:.3f}, mlm " in printed[0]
+    labels = [label for label, *_ in curve_panels(records)["loss"]]
+    assert labels[:4] == ["training loss", "ITC term", "ITM term", "MLM term"]
+
+
+def test_clip_run_logs_no_loss_terms(tmp_path):
+    cli.main(TINY + ["--steps", "1", "--out-dir", str(tmp_path)])
+    records, _ = _eval_records(tmp_path)
+    assert not any(key.startswith("loss_") for r in records for key in r)

@@ -17,6 +17,8 @@ from typing import Optional, Sequence
 
 from tqdm import tqdm
 
+from vlcore.train.tasks import FUSION_LOSS_TERMS
+
 
 def show_progress_bar(setting: Optional[bool], stream) -> bool:
     """``--progress true`` / ``false`` force the bar on or off. Unset (the default), it is shown only when
@@ -147,7 +149,7 @@ def _series(records: list[dict], key: str) -> tuple[list, list]:
 def curve_panels(records: list[dict]) -> dict[str, list[Curve]]:
     """What the end-of-run plot draws: panel title -> curves. Panels without data are left out.
 
-    - loss: the training loss;
+    - loss: the training loss, a fusion model's ITC / ITM / MLM terms (dotted) and the held-out caption loss;
     - MIR: the captioner's modality integration rate, beside the loss it should fall with;
     - retrieval: ITC recall solid, ITM re-ranked recall (fusion models) dashed, and the chance level;
     - captions: CIDEr, and shape / (colour, shape) pair accuracy on held-out pairs (solid) and seen (dashed);
@@ -161,6 +163,8 @@ def curve_panels(records: list[dict]) -> dict[str, list[Curve]]:
             panels.setdefault(panel, []).append((label, steps, values, style))
 
     add("loss", "training loss", "loss")
+    for term in FUSION_LOSS_TERMS:
+        add("loss", f"{term.upper()} term", f"loss_{term}", ":")
     add("MIR (lower: image tokens closer to text)", "MIR", "mir")
     add("loss", "held-out caption loss", "caption_loss", "--")
     for direction in ("i2t", "t2i"):

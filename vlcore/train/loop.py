@@ -45,9 +45,9 @@ def train(run: Run) -> dict:
         # A resumed run starts at its checkpoint's step; one that already reached cfg.steps goes straight to
         # the final evaluation and report.
         while state.step < cfg.steps:
-            loss, grad_norm = train_step(run)
+            loss, grad_norm, loss_terms = train_step(run)
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-                log_step(run, loss, grad_norm)
+                log_step(run, loss, grad_norm, loss_terms)
             # Checked after the step, never inside it: an interrupted optimizer step would leave weights and
             # optimizer state out of step with each other.
             stopping = all_agree_to_stop(run, stop)
@@ -110,11 +110,11 @@ class StopRequest:
 # One optimizer step
 
 
-def train_step(run: Run) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One optimizer step over ``grad_accum`` micro-batches; returns ``(mean loss, grad norm or None)``, both
-    still on the device."""
+def train_step(run: Run) -> tuple[torch.Tensor, Optional[torch.Tensor], dict]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns ``(mean loss, grad norm or None, mean
+    loss terms)``, all still on the device."""
     cfg, model = run.cfg, run.model
-    loss = grad_cache_step(run) if cfg.grad_cache else accumulate_step(run)
+    loss, loss_terms = grad_cache_step(run) if cfg.grad_cache else accumulate_step(run)
     if run.fsdp:  # FSDP reduces only the sharded parameters' gradients; the replicated ones are ours to average
         fsdp_lib.all_reduce_replicated_grads(model, run.world_size)
     grad_norm = None
@@ -131,13 +131,14 @@ def train_step(run: Run) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     run.state.step += 1
     run.state.meters.interval_steps += 1
     run.state.meters.run_steps += 1
-    return loss, grad_norm
+    return loss, grad_norm, loss_terms
 
 
-def accumulate_step(run: Run) -> torch.Tensor:
-    """Forward and backward of each micro-batch in turn; their gradients add up in ``.grad``."""
+def accumulate_step(run: Run) -> tuple[torch.Tensor, dict]:
+    """Forward and backward of each micro-batch in turn; their gradients add up in ``.grad``. Returns the
+    mean loss and the mean of each loss term over the micro-batches."""
     cfg, state = run.cfg, run.state
-    loss_sum = torch.zeros((), device=run.device)
+    loss_sum, terms_sum = torch.zeros((), device=run.device), {}
     for micro in range(cfg.grad_accum):
         batch = next_batch(run)
         # DDP all-reduces gradients in backward; skip that on all but the last micro-batch.
@@ -145,16 +146,18 @@ def accumulate_step(run: Run) -> torch.Tensor:
         sync = nullcontext() if last or run.world_size == 1 or run.fsdp else run.train_model.no_sync()
         with sync:
             with run.autocast():
-                loss = compute_loss(run.train_model, run.model_cfg.kind, batch, run.contrastive_loss)
+                loss, terms = compute_loss(run.train_model, run.model_cfg.kind, batch, run.contrastive_loss)
             (loss / cfg.grad_accum).backward()  # each backward adds to .grad: average the micro-batches
         loss_sum += loss.detach() / cfg.grad_accum
+        for name, term in terms.items():
+            terms_sum[name] = terms_sum.get(name, 0.0) + term.float() / cfg.grad_accum
     note_nonfinite(state, loss_sum)
-    return loss_sum
+    return loss_sum, terms_sum
 
 
-def grad_cache_step(run: Run) -> torch.Tensor:
+def grad_cache_step(run: Run) -> tuple[torch.Tensor, dict]:
     """GradCache: the loss over all micro-batches together (every sample is a negative for every other),
-    with one micro-batch's activations at a time (:mod:`vlcore.models.grad_cache`)."""
+    with one micro-batch's activations at a time (:mod:`vlcore.models.grad_cache`). CLIP only: no terms."""
     # Only inputs are held for the whole batch (small); activations live for one micro-batch at a time.
     micro_batches = [next_batch(run) for _ in range(run.cfg.grad_accum)]
     images = torch.cat([b["images"] for b in micro_batches])
@@ -164,7 +167,7 @@ def grad_cache_step(run: Run) -> torch.Tensor:
     if run.world_size > 1:  # the plain model ran, not DDP: average the gradients ourselves
         fsdp_lib.all_reduce_replicated_grads(run.model, run.world_size)
     note_nonfinite(run.state, loss)
-    return loss
+    return loss, {}
 
 
 def next_batch(run: Run) -> dict:
@@ -243,7 +246,7 @@ def all_sum(value: int, run: Run) -> int:
     return int(total.item())
 
 
-def log_step(run: Run, loss: torch.Tensor, grad_norm: Optional[torch.Tensor]) -> None:
+def log_step(run: Run, loss: torch.Tensor, grad_norm: Optional[torch.Tensor], loss_terms: dict) -> None:
     """One metrics record (metrics.jsonl, TensorBoard, the bar); every tenth a printed line."""
     cfg, state, meters, logger = run.cfg, run.state, run.state.meters, run.logger
     # The logged loss is the mean over ranks of the last step's loss (not an average over the interval):
@@ -254,6 +257,8 @@ def log_step(run: Run, loss: torch.Tensor, grad_norm: Optional[torch.Tensor]) ->
     samples_per_s = meters.interval_steps * cfg.batch_size / elapsed
     record = {"step": state.step, "loss": loss_value, "lr": run.scheduler.get_last_lr()[0],
               "samples_per_s": samples_per_s, "data_wait": meters.data_wait / elapsed, "skipped": skipped}
+    for name, term in loss_terms.items():  # a fusion model's ITC / ITM / MLM: which objective is learning
+        record[f"loss_{name}"] = all_mean(term, run.world_size)
     if grad_norm is not None:
         record["grad_norm"] = float(grad_norm)
     if hasattr(run.model, "logit"):
@@ -264,7 +269,9 @@ def log_step(run: Run, loss: torch.Tensor, grad_norm: Optional[torch.Tensor]) ->
                     data_wait=f"{100 * record['data_wait']:.0f}%")
     # With a progress bar the bar carries the numbers; a printed line every ten records is enough.
     if state.step % (cfg.log_every * 10) == 0 or state.step == cfg.steps or logger.bar is None:
-        logger.print(f"step {state.step:>6}/{cfg.steps} | loss {loss_value:.4f} | lr {record['lr']:.2e} | "
+        terms = ", ".join(f"{name} {record['loss_' + name]:.3f}" for name in loss_terms)
+        loss_text = f"{loss_value:.4f} ({terms})" if terms else f"{loss_value:.4f}"
+        logger.print(f"step {state.step:>6}/{cfg.steps} | loss {loss_text} | lr {record['lr']:.2e} | "
                      f"{samples_per_s:,.0f} samples/s | data wait {100 * record['data_wait']:.0f}% | "
                      f"{1e3 * elapsed / meters.interval_steps:.1f} ms/step | skipped {skipped}")
     meters.restart_interval()

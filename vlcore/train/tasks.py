@@ -57,6 +57,9 @@ class CaptionCollate:
         return {"images": images, "packed": packed, "padding_avoided": padded_waste(lengths, len(lengths))}
 
 
+FUSION_LOSS_TERMS = ("itc", "itm", "mlm")  # the fusion objectives that sum to its loss
+
+
 def make_collate(model_cfg, train: bool = True):
     text = model_cfg.text_cfg
     if model_cfg.kind == "captioner":
@@ -74,12 +77,15 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
-def compute_loss(model, kind: str, batch: dict, contrastive_loss) -> torch.Tensor:
-    """The scalar training loss of one (micro-)batch. CLIP's loss is applied here, on the features, so that
-    GradCache can call the towers and the loss separately; fusion and captioner models compute their own."""
+def compute_loss(model, kind: str, batch: dict, contrastive_loss) -> tuple[torch.Tensor, dict]:
+    """The scalar training loss of one (micro-)batch, and the terms it sums (detached; fusion models' ITC,
+    ITM and MLM, logged as ``loss_itc`` ...; none for the others). CLIP's loss is applied here, on the
+    features, so that GradCache can call the towers and the loss separately; fusion and captioner models
+    compute their own."""
     if kind == "clip":
         out = model(batch["images"], batch["tokens"])
-        return contrastive_loss(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"])
+        return contrastive_loss(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"]), {}
     if kind == "fusion":
-        return model(batch["images"], batch["tokens"])["loss"]
-    return model(batch["packed"], batch["images"])["loss"]
+        out = model(batch["images"], batch["tokens"])
+        return out["loss"], {name: out[name].detach() for name in FUSION_LOSS_TERMS}
+    return model(batch["packed"], batch["images"])["loss"], {}
