@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import vlcore.ops
-from vlcore.evaluation.retrieval import (evaluate_retrieval, fusion_pair_scorer, hits_at_k, itm_rerank_recall, rerank,
-                                         retrieval_recall)
+from vlcore.evaluation.retrieval import (evaluate_retrieval, fusion_pair_scorer, hits_at_k, itm_pair_accuracy,
+                                         itm_rerank_recall, rerank, retrieval_recall)
 from vlcore.models import create_model
 from vlcore.models.clip import retrieval_recall as clip_retrieval_recall
 from vlcore.models.tokenizer import ByteTokenizer
@@ -46,6 +46,27 @@ def test_rerank_add_itc_is_blips_sum():
         return ((image_index == 2) & (text_index == 1)).float() * 0.35
     assert itm_rerank_recall(SIMILARITY, TEXT_TO_IMAGE, bump, k=2, ks=(1,))["t2i_itm_R@1"] == pytest.approx(0.0)
     assert itm_rerank_recall(SIMILARITY, TEXT_TO_IMAGE, bump, k=2, ks=(1,), add_itc=True)["t2i_itm_R@1"] == pytest.approx(1 / 3)
+
+
+def test_itm_pair_accuracy_hand_worked():
+    # The ITC-hardest other image of each text (SIMILARITY rows, own image excluded): text 0 -> image 1 (0.9),
+    # text 1 -> image 2 (0.3), text 2 -> image 0 (0.7).
+    assert itm_pair_accuracy(SIMILARITY, TEXT_TO_IMAGE, oracle) == {"itm_pair_accuracy": 1.0}
+    assert itm_pair_accuracy(SIMILARITY, TEXT_TO_IMAGE, lambda i, t: -oracle(i, t)) == {"itm_pair_accuracy": 0.0}
+    assert itm_pair_accuracy(SIMILARITY, TEXT_TO_IMAGE, lambda i, t: torch.zeros(len(i))) == {"itm_pair_accuracy": 0.5}
+    # A head that likes image 2 above all: right for text 2 (own image), wrong for text 1 (its hardest is 2),
+    # a tie for text 0 (own image 0 and hardest image 1 both score 0): (1 + 0 + 0.5) / 3.
+    prefer_2 = lambda i, t: (i == 2).float()  # noqa: E731
+    assert itm_pair_accuracy(SIMILARITY, TEXT_TO_IMAGE, prefer_2)["itm_pair_accuracy"] == pytest.approx(0.5)
+    # The pairs scored: each text with its own image, then each text with its ITC-hardest other image.
+    seen = []
+
+    def spy(image_index, text_index):
+        seen.append((image_index.tolist(), text_index.tolist()))
+        return oracle(image_index, text_index)
+    itm_pair_accuracy(SIMILARITY, TEXT_TO_IMAGE, spy)
+    assert seen == [([0, 1, 2, 1, 2, 0], [0, 1, 2, 0, 1, 2])]
+    assert itm_pair_accuracy(SIMILARITY[:, :1], torch.zeros(3, dtype=torch.long), oracle) == {}  # no negative
 
 
 def test_rerank_leaves_the_tail_alone():
@@ -136,8 +157,14 @@ def test_evaluate_retrieval_rerank_all_equals_the_full_itm_ranking():
     i2t_best = positive.t()[torch.arange(4), itm.t().argmax(1)].float().mean().item()
     assert metrics["t2i_itm_R@1"] == pytest.approx(t2i_best)
     assert metrics["i2t_itm_R@1"] == pytest.approx(i2t_best)
-    itc = retrieval_recall(torch.nn.functional.normalize(model.encode_text(tok(texts, model.context_length)), dim=-1)
-                           @ torch.nn.functional.normalize(model.encode_image(images), dim=-1).t(), text_to_image, (1, 2))
+    with torch.no_grad():
+        similarity = (torch.nn.functional.normalize(model.encode_text(tok(texts, model.context_length)), dim=-1)
+                      @ torch.nn.functional.normalize(model.encode_image(images), dim=-1).t())
+    itc = retrieval_recall(similarity, text_to_image, (1, 2))
     for key, value in itc.items():
         assert metrics[key] == pytest.approx(value)
     assert metrics["itm_rerank_k"] == 4 and metrics["eval_images"] == 4
+    # Pair accuracy from the same full ITM matrix: own image vs the most ITC-similar other image, per text.
+    hardest = similarity.masked_fill(positive, float("-inf")).argmax(1)
+    wins = [float(itm[t, text_to_image[t]] > itm[t, hardest[t]]) for t in range(6)]
+    assert metrics["itm_pair_accuracy"] == pytest.approx(sum(wins) / 6, abs=1e-6)

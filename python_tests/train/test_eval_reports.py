@@ -69,6 +69,8 @@ def test_fusion_report_has_itm_reranked_recall_beside_itc(tmp_path):
     assert "zero-shot (" in report  # the embedded data's (colour, shape) classes, on by default
     records, evals = _eval_records(tmp_path)
     assert evals[-1]["itm_rerank_k"] == 4 and 0 <= evals[-1]["i2t_itm_R@1"] <= 1
+    assert f"ITM pair accuracy (each text's image scored above the ITC-hardest other; chance 0.5): " \
+           f"{evals[-1]['itm_pair_accuracy']:.3f}" in report
     panels = curve_panels(records)
     styles = {label: style for label, _, _, style in panels["retrieval recall"]}
     assert styles["i2t R@1 (ITC)"] == "-" and styles["i2t R@1 (ITM re-ranked)"] == "--"

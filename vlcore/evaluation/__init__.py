@@ -16,13 +16,14 @@ from vlcore.evaluation.caption_metrics import bleu, cider_d, tokenize_caption
 from vlcore.evaluation.captioning import attribute_accuracy, caption_metrics, evaluate_captioning, generate_captions
 from vlcore.evaluation.formats import FORMATS, caption_source, load_caption_set
 from vlcore.evaluation.results import read_metrics_jsonl, write_metrics_jsonl
-from vlcore.evaluation.retrieval import evaluate_retrieval, fusion_pair_scorer, itm_rerank_recall, retrieval_recall
+from vlcore.evaluation.retrieval import (evaluate_retrieval, fusion_pair_scorer, itm_pair_accuracy, itm_rerank_recall,
+                                         retrieval_recall)
 from vlcore.evaluation.suite import EvalOptions, EvalResult, evaluate_model, report_lines
 from vlcore.evaluation.zeroshot import (SHAPES_TEMPLATES, evaluate_shapes_zero_shot, evaluate_zero_shot, image_folder_set,
                                         zero_shot_classifier)
 
 __all__ = ["bleu", "cider_d", "tokenize_caption", "attribute_accuracy", "caption_metrics", "evaluate_captioning",
            "generate_captions", "FORMATS", "caption_source", "load_caption_set", "read_metrics_jsonl",
-           "write_metrics_jsonl", "evaluate_retrieval", "fusion_pair_scorer", "itm_rerank_recall", "retrieval_recall",
-           "SHAPES_TEMPLATES", "evaluate_shapes_zero_shot", "evaluate_zero_shot", "image_folder_set",
+           "write_metrics_jsonl", "evaluate_retrieval", "fusion_pair_scorer", "itm_pair_accuracy", "itm_rerank_recall",
+           "retrieval_recall", "SHAPES_TEMPLATES", "evaluate_shapes_zero_shot", "evaluate_zero_shot", "image_folder_set",
            "zero_shot_classifier", "EvalOptions", "EvalResult", "evaluate_model", "report_lines"]

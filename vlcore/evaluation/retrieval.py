@@ -107,6 +107,23 @@ def itm_rerank_recall(similarity: torch.Tensor, text_to_image: torch.Tensor, pai
     return {**{f"i2t_itm_R@{r}": v for r, v in i2t.items()}, **{f"t2i_itm_R@{r}": v for r, v in t2i.items()}}
 
 
+def itm_pair_accuracy(similarity: torch.Tensor, text_to_image: torch.Tensor, pair_score: PairScorer) -> dict:
+    """Whether the ITM head tells a match from the negative that matters: for each text, does
+    ``pair_score`` rank its image above the ITC-hardest other image (the one re-ranking must push down)?
+    Returns ``itm_pair_accuracy``, the fraction of texts where it does (ties count half; 0.5 is chance).
+    Empty with fewer than two images, where no text has a negative."""
+    _check_retrieval_inputs(similarity, text_to_image, "itm_pair_accuracy")
+    num_texts, num_images = similarity.shape
+    if num_images < 2 or num_texts == 0:
+        return {}
+    texts = torch.arange(num_texts, device=text_to_image.device)
+    hardest = similarity.masked_fill(_positives(text_to_image, num_images), float("-inf")).argmax(dim=1)
+    scores = pair_score(torch.cat([text_to_image, hardest]), torch.cat([texts, texts])).double()
+    positive, negative = scores[:num_texts], scores[num_texts:]
+    wins = (positive > negative).double() + 0.5 * (positive == negative).double()
+    return {"itm_pair_accuracy": wins.mean().item()}
+
+
 def fusion_pair_scorer(model, images: torch.Tensor, tokens: torch.Tensor, *, device: Optional[torch.device] = None,
                        pairs_per_batch: int = 256, autocast=nullcontext) -> PairScorer:
     """A :data:`PairScorer` from a fusion model's ITM head (the match logit) on ``images [N_img, 3, H, W]`` and
@@ -146,7 +163,8 @@ def evaluate_retrieval(model, images: torch.Tensor, captions: Sequence[Sequence[
 
     ``tokenizer(list[str], context_length) -> [N, L]``. Returns ``i2t_R@k``, ``t2i_R@k``,
     ``i2t_chance_R@1`` (what random scores give: captions per image / N_txt), ``eval_images`` and, when
-    re-ranking, ``i2t_itm_R@k``, ``t2i_itm_R@k`` and ``itm_rerank_k``.
+    re-ranking, ``i2t_itm_R@k``, ``t2i_itm_R@k``, ``itm_rerank_k`` and ``itm_pair_accuracy``
+    (:func:`itm_pair_accuracy`).
     """
     if len(captions) != images.shape[0]:
         raise ValueError(f"evaluate_retrieval: {images.shape[0]} images but captions has {len(captions)} entries")
@@ -163,6 +181,7 @@ def evaluate_retrieval(model, images: torch.Tensor, captions: Sequence[Sequence[
         scorer = fusion_pair_scorer(model, images, tokens, device=device, autocast=autocast)
         metrics.update(itm_rerank_recall(similarity, text_to_image, scorer, k=rerank_k, ks=ks, add_itc=add_itc))
         metrics["itm_rerank_k"] = rerank_k
+        metrics.update(itm_pair_accuracy(similarity, text_to_image, scorer))
     metrics["i2t_chance_R@1"] = len(texts) / len(captions) / len(texts)
     metrics["eval_images"] = len(captions)
     return metrics

@@ -115,6 +115,9 @@ def report_lines(result: EvalResult, *, ks: Sequence[int] = (1, 5, 10), max_samp
         lines.append(f"retrieval (ITC, {m.get('eval_images', '?')} images): " + _recall_line(m, "", ks))
     if "itm_rerank_k" in m:
         lines.append(f"retrieval (ITM re-ranked ITC top {m['itm_rerank_k']}): " + _recall_line(m, "_itm", ks))
+    if "itm_pair_accuracy" in m:
+        lines.append(f"ITM pair accuracy (each text's image scored above the ITC-hardest other; chance 0.5): "
+                     f"{m['itm_pair_accuracy']:.3f}")
     if "cider" in m:
         lines.append(f"captions ({m['caption_images']} images): CIDEr {m['cider']:.3f}, BLEU-4 {m['bleu_4']:.3f}, "
                      f"exact {m['caption_exact']:.3f}")
