@@ -289,8 +289,8 @@ def test_diverged_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch
 
     def diverges(*args, **kwargs):
         calls.append(1)
-        loss = real_loss(*args, **kwargs)
-        return loss * float("nan") if len(calls) >= 4 else loss
+        loss, terms = real_loss(*args, **kwargs)
+        return (loss * float("nan") if len(calls) >= 4 else loss), terms
 
     monkeypatch.setattr(loop, "compute_loss", diverges)
     argv = TINY + ["--steps", "6", "--checkpoint-every", "2", "--log-every", "5", "--out-dir", str(tmp_path)]
