@@ -29,7 +29,7 @@ OPEN_CLIP_MODEL = {"clip-b16": "ViT-B-16", "clip-b32": "ViT-B-32"}
 
 
 def run_trainer(preset: str, impl: str, batch: int, steps: int, log_every: int, device: str, extra: list[str]) -> dict:
-    from vlcore.train.main import main
+    from vlcore.train.cli import main
 
     with tempfile.TemporaryDirectory() as out:
         summary = main(["--preset", preset, "--synthetic-benchmark", "--impl", impl, "--batch-size", str(batch),

@@ -18,6 +18,7 @@ from vlcore.models.vision import VisionTransformer
 from vlcore.nn import backend
 from vlcore.nn.attention import KVCache
 from vlcore.nn.connector import TokenPooler
+from vlcore.nn.manager import LayerManager
 from vlcore.nn.transformer import Mlp
 from vlcore.packing import IGNORE_INDEX, PackedBatch
 
@@ -32,10 +33,9 @@ class Captioner(nn.Module):
         self.impl = cfg.impl
         self.visual = VisionTransformer(vision, None, impl=cfg.impl)
         # ManagerTower's manager as a connector plug-in: a weighted mix of the top vision layers replaces the
-        # last layer's output (vlcore/models/managertower.py).
+        # last layer's output (vlcore/nn/manager.py).
         self.vision_manager = None
         if connector.manager_layers:
-            from vlcore.models.managertower import LayerManager
             self.vision_manager = LayerManager(vision.width, connector.manager_layers,
                                                adaptive=connector.manager == "adaptive", with_previous=False,
                                                norm_eps=vision.norm_eps)
