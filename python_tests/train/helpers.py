@@ -8,6 +8,9 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+from vlcore.train import cli
 
 # A tiny CLIP on the embedded dataset: a few ms per step on CPU.
 TINY = ["--model", "clip-tiny", "--model-overrides", '{"text_cfg": {"context_length": 64}, "vision_cfg": {"image_size": 16, "patch_size": 8}}',
@@ -57,3 +60,19 @@ def clean_samples(n: int, start: int = 0, caption_ext: str = "txt") -> list:
         data = json.dumps({"caption": caption}).encode() if caption_ext == "json" else caption.encode()
         out.append((f"s{i:05d}", png_bytes(i), caption_ext, data))
     return out
+
+
+def cli_error(monkeypatch, capsys, argv, entry=cli.train_cli) -> tuple[int, str]:
+    """Run a console entry point with ``argv`` that must fail: its exit code and what it wrote to stderr."""
+    monkeypatch.setattr("sys.argv", ["prog", *argv])
+    with pytest.raises(SystemExit) as e:
+        entry()
+    return e.value.code, capsys.readouterr().err
+
+
+def assert_one_line(err: str, *needles: str) -> None:
+    """A command-line error is one line, no traceback, and names what ``needles`` give."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]

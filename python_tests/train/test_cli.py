@@ -23,7 +23,7 @@ from vlcore.train import cli
 from vlcore.train.builders import build_model
 from vlcore.train.params import FIELDS, load_config, parse_value
 
-from .helpers import TINY, clean_samples, png_bytes, read_metrics, write_shard
+from .helpers import TINY, assert_one_line, clean_samples, cli_error, png_bytes, read_metrics, write_shard
 
 CAPTIONER = ["--model", "captioner-tiny", "--model-overrides",
              '{"vision_cfg": {"image_size": 16, "patch_size": 4}, "connector_cfg": {"output_hw": [2, 2]}}']
@@ -188,21 +188,6 @@ def test_other_command_line_forms(tmp_path, capsys, data_files):
     assert cli.main(["--help"]) == {} and "--nvfp4 values" in capsys.readouterr().out
 
 
-def _cli_error(monkeypatch, capsys, argv, entry=cli.train_cli) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["prog", *argv])
-    with pytest.raises(SystemExit) as e:
-        entry()
-    err = capsys.readouterr().err
-    return e.value.code, err
-
-
-def _assert_one_line(err: str, *needles: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 @pytest.mark.parametrize("case", ["device", "config", "csv", "val_csv", "shards", "synthetic_size", "csv_rows",
                                   "out_dir_file", "nvfp4", "lr"])
 def test_command_line_errors_are_one_line(case, tmp_path, monkeypatch, capsys, data_files):
@@ -226,9 +211,9 @@ def test_command_line_errors_are_one_line(case, tmp_path, monkeypatch, capsys, d
               "csv_rows": "config field 'train_data': 12 samples are fewer than one batch (16",
               "out_dir_file": "config field 'out_dir': cannot write to", "nvfp4": "config field 'nvfp4'",
               "lr": "config field 'lr': must be a finite number > 0, got nan"}[case]
-    code, err = _cli_error(monkeypatch, capsys, TINY + ["--steps", "1", "--out-dir", str(tmp_path / "run")] + argv)
+    code, err = cli_error(monkeypatch, capsys, TINY + ["--steps", "1", "--out-dir", str(tmp_path / "run")] + argv)
     assert code == 2
-    _assert_one_line(err, "vlcore-train: error: ", needle)
+    assert_one_line(err, "vlcore-train: error: ", needle)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
@@ -236,9 +221,9 @@ def test_unwritable_out_dir(tmp_path, monkeypatch, capsys):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
-    code, err = _cli_error(monkeypatch, capsys, TINY + ["--steps", "1", "--out-dir", str(locked / "run")])
+    code, err = cli_error(monkeypatch, capsys, TINY + ["--steps", "1", "--out-dir", str(locked / "run")])
     assert code == 2
-    _assert_one_line(err, "config field 'out_dir': cannot write to", "Permission denied")
+    assert_one_line(err, "config field 'out_dir': cannot write to", "Permission denied")
 
 
 def test_read_only_out_dir(tmp_path, monkeypatch, capsys):
@@ -251,9 +236,9 @@ def test_read_only_out_dir(tmp_path, monkeypatch, capsys):
         return real_open(path, mode, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", read_only)
-    code, err = _cli_error(monkeypatch, capsys, TINY + ["--steps", "1", "--out-dir", str(tmp_path / "run")])
+    code, err = cli_error(monkeypatch, capsys, TINY + ["--steps", "1", "--out-dir", str(tmp_path / "run")])
     assert code == 2
-    _assert_one_line(err, "config field 'out_dir': cannot write to", "Read-only file system")
+    assert_one_line(err, "config field 'out_dir': cannot write to", "Read-only file system")
 
 
 def test_full_disk_during_a_checkpoint(tmp_path, monkeypatch, capsys):
@@ -270,9 +255,9 @@ def test_full_disk_during_a_checkpoint(tmp_path, monkeypatch, capsys):
         return real_write(tmp, *args, **kwargs)
 
     monkeypatch.setattr(ckpt, "_write_files", fills_up)
-    code, err = _cli_error(monkeypatch, capsys, argv)
+    code, err = cli_error(monkeypatch, capsys, argv)
     assert code == 1
-    _assert_one_line(err, "vlcore-train: error: No space left on device (checkpoint step_00000004 not written",
+    assert_one_line(err, "vlcore-train: error: No space left on device (checkpoint step_00000004 not written",
                      "previous checkpoints are intact")
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000002"]
     monkeypatch.undo()
@@ -294,9 +279,9 @@ def test_diverged_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch
 
     monkeypatch.setattr(loop, "compute_loss", diverges)
     argv = TINY + ["--steps", "6", "--checkpoint-every", "2", "--log-every", "5", "--out-dir", str(tmp_path)]
-    code, err = _cli_error(monkeypatch, capsys, argv)
+    code, err = cli_error(monkeypatch, capsys, argv)
     assert code == 1
-    _assert_one_line(err, "the loss or gradients became NaN or infinite at step 4", "step_00000002")
+    assert_one_line(err, "the loss or gradients became NaN or infinite at step 4", "step_00000002")
     latest = ckpt.latest_checkpoint(tmp_path / "checkpoints")
     assert latest.name == "step_00000002"
     from safetensors.torch import load_file
@@ -313,7 +298,7 @@ def test_the_real_command_line(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "vlcore.train", "--device", "cuda", "--out-dir", str(tmp_path / "b")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2
-    _assert_one_line(bad.stderr, "vlcore-train: error: config field 'device'")
+    assert_one_line(bad.stderr, "vlcore-train: error: config field 'device'")
 
 
 class _Terminal(io.StringIO):
@@ -356,6 +341,6 @@ def test_progress_bar_only_on_a_terminal_unless_forced(setting, terminal, bar, t
     (["--checkpoint", "/no/such/run"], "--checkpoint: /no/such/run is not a checkpoint directory"),
 ])
 def test_eval_command_line_errors_are_one_line(argv, needle, monkeypatch, capsys):
-    code, err = _cli_error(monkeypatch, capsys, argv, entry=cli.eval_cli)
+    code, err = cli_error(monkeypatch, capsys, argv, entry=cli.eval_cli)
     assert code == 2
-    _assert_one_line(err, "vlcore-eval: error: ", needle)
+    assert_one_line(err, "vlcore-eval: error: ", needle)

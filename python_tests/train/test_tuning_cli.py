@@ -3,7 +3,6 @@
 and ManagerTower trains like the other fusion models."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from vlcore.train import cli
 from vlcore.train.builders import build_model
 from vlcore.train.params import load_config
 
-from .helpers import TINY, read_metrics
+from .helpers import TINY, assert_one_line, cli_error, read_metrics
 
 
 def _train(out_dir: Path, *extra: str, steps: int = 2) -> dict:
@@ -33,15 +32,6 @@ def pretrained(tmp_path_factory) -> Path:
     out_dir = tmp_path_factory.mktemp("pretrain")
     _train(out_dir, "--seed", "5", steps=3)
     return out_dir
-
-
-def _error(monkeypatch, capsys, argv) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["vlcore-train", *argv])
-    with pytest.raises(SystemExit) as e:
-        cli.train_cli()
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return e.value.code, err
 
 
 def test_init_from_loads_the_source_weights_exactly(pretrained, tmp_path, capsys):
@@ -77,18 +67,21 @@ def test_a_resumed_run_ignores_init_from_and_says_so(pretrained, tmp_path, capsy
 
 
 def test_bad_init_from_is_one_line_naming_the_field(pretrained, tmp_path, monkeypatch, capsys):
-    code, err = _error(monkeypatch, capsys, TINY + ["--steps", "1", "--out-dir", str(tmp_path / "a"),
-                                                    "--init-from", str(tmp_path / "missing")])
+    code, err = cli_error(monkeypatch, capsys, TINY + ["--steps", "1", "--out-dir", str(tmp_path / "a"),
+                          "--init-from", str(tmp_path / "missing")])
+    assert_one_line(err)
     assert code == 2 and "init_from" in err and "does not exist" in err
     # weights of another architecture
-    code, err = _error(monkeypatch, capsys, TINY + ["--steps", "1", "--out-dir", str(tmp_path / "b"), "--model",
-                                                    "fiber-tiny", "--init-from", str(pretrained)])
+    code, err = cli_error(monkeypatch, capsys, TINY + ["--steps", "1", "--out-dir", str(tmp_path / "b"), "--model",
+                          "fiber-tiny", "--init-from", str(pretrained)])
+    assert_one_line(err)
     assert code == 2 and "init_from" in err
     # a file that is not a checkpoint
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
-    code, err = _error(monkeypatch, capsys, TINY + ["--steps", "1", "--out-dir", str(tmp_path / "c"),
-                                                    "--init-from", str(junk)])
+    code, err = cli_error(monkeypatch, capsys, TINY + ["--steps", "1", "--out-dir", str(tmp_path / "c"),
+                          "--init-from", str(junk)])
+    assert_one_line(err)
     assert code == 2 and "init_from" in err
 
 
@@ -151,7 +144,8 @@ def test_peft_resume_is_exact(pretrained, tmp_path):
     (["--peft", "prefix"], "peft"),
 ])
 def test_bad_peft_switches_are_one_line(argv, field, tmp_path, monkeypatch, capsys):
-    code, err = _error(monkeypatch, capsys, TINY + ["--steps", "1", "--out-dir", str(tmp_path)] + argv)
+    code, err = cli_error(monkeypatch, capsys, TINY + ["--steps", "1", "--out-dir", str(tmp_path)] + argv)
+    assert_one_line(err)
     assert code == 2 and f"'{field}'" in err
 
 
